@@ -1,0 +1,1 @@
+"""radixserve: a small, fast LLM serving engine."""

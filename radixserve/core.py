@@ -1,0 +1,129 @@
+"""Request, sampling parameters and batch: the state that flows through the scheduler.
+
+A `Req` owns everything about one generation: its tokens, its row in `req_to_token`, how much of
+its KV is cached or computed, and when it finished. Managers read and update it; nothing else
+holds per-request state.
+"""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation settings (SGLang/OpenAI semantics).
+
+    temperature 0 means greedy. `seed` makes sampling reproducible whatever the batch: the noise
+    for step i of a request depends only on (seed, i).
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: bool = False
+    top_logprobs: int = 0
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field; the API turns it into HTTP 400."""
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0 <= self.top_logprobs <= 20:
+            raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+
+
+_rid_counter = itertools.count()
+
+
+@dataclass(eq=False)
+class Req:
+    """One request inside the scheduler.
+
+    Token layout: `fill_ids = origin_input_ids + output_ids`. The first `cached_len` positions are
+    covered by a prefix-cache hit (`prefix_indices`), the first `kv_len` positions have KV in the
+    pool. A retracted request keeps its tokens and re-prefills them, so its output is unchanged.
+    """
+
+    origin_input_ids: list[int]
+    sampling_params: SamplingParams
+    rid: str = ""
+    eos_token_ids: frozenset[int] = frozenset()
+    output_ids: list[int] = field(default_factory=list)
+    seed: int = 0
+    arrival: int = field(default_factory=lambda: next(_rid_counter))
+    # KV bookkeeping
+    req_pool_idx: int | None = None
+    prefix_indices: torch.Tensor | None = None  # slots of the cached prefix (radix hit)
+    last_node: object = None  # radix node locked while the request runs
+    cached_len: int = 0  # prompt tokens served from the prefix cache (reported to users)
+    kv_len: int = 0  # positions whose KV is in the pool
+    extend_len: int = 0  # tokens computed in the current prefill step
+    # output
+    finish_reason: FinishReason | None = None
+    finished_text_len: int | None = None  # stop-string cut position in the decoded text
+    output_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    retracted: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.rid:
+            self.rid = f"req-{self.arrival}"
+
+    @property
+    def fill_ids(self) -> list[int]:
+        return self.origin_input_ids + self.output_ids
+
+    @property
+    def seqlen(self) -> int:
+        return len(self.origin_input_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining_new_tokens(self) -> int:
+        return max(self.sampling_params.max_new_tokens - len(self.output_ids), 0)
