@@ -98,12 +98,14 @@ class Req:
     req_pool_idx: int | None = None
     prefix_indices: torch.Tensor | None = None  # slots of the cached prefix (radix hit)
     last_node: object = None  # radix node locked while the request runs
-    cached_len: int = 0  # prompt tokens served from the prefix cache (reported to users)
+    cached_len: int = 0  # positions covered by this admission's prefix match (locked under last_node)
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission (reported)
     kv_len: int = 0  # positions whose KV is in the pool
     extend_len: int = 0  # tokens computed in the current prefill step
     # output
     finish_reason: FinishReason | None = None
-    finished_text_len: int | None = None  # stop-string cut position in the decoded text
+    detok: object = None  # IncrementalDetokenizer, only for requests with stop strings
+    stop_text_len: int | None = None  # where a matched stop string starts in the decoded text
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     retracted: int = 0

@@ -64,3 +64,12 @@ class PageAllocator:
             return
         pages = torch.unique(slots.cpu() // self.page_size).tolist()
         self.free_pages.extend(pages)
+
+    def alloc_decode(self, kv_lens: torch.Tensor, last_slots: torch.Tensor) -> torch.Tensor:
+        """One new slot per request, vectorised: the next slot of the last page, or a fresh page."""
+        need_page = kv_lens % self.page_size == 0
+        slots = last_slots + 1
+        n = int(need_page.sum())
+        if n:
+            slots[need_page] = self.alloc_pages(n).to(slots.device) * self.page_size
+        return slots

@@ -1,0 +1,58 @@
+"""Reference attention in plain torch: ragged batches padded to [B, max_new, max_kv].
+
+One code path serves prefill, extend over a cached prefix, and decode (max_new == 1). It is the
+oracle the Triton kernels are tested against, so it favours clarity; the only cost of padding is
+memory proportional to B × max_new × max_kv, fine on CPU-sized batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.layers.attention import Attention
+
+
+@dataclass
+class TorchAttnMeta:
+    token_req: torch.Tensor  # [T] request index of each new token
+    token_off: torch.Tensor  # [T] offset of each new token within its request's new tokens
+    kv_slots: torch.Tensor  # [B, max_kv] slots of every request's KV (padding -> slot 0)
+    mask: torch.Tensor  # [B, 1, max_new, max_kv] True where attention is allowed
+    key_pos: torch.Tensor  # [1, max_kv]
+    query_pos: torch.Tensor  # [B, max_new]
+
+
+class TorchAttentionBackend:
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        dev = fb.input_ids.device
+        B, max_new, max_kv = fb.batch_size, fb.max_extend_len, fb.max_seq_len
+        token_req = torch.repeat_interleave(torch.arange(B, device=dev), fb.extend_lens)
+        starts = torch.cumsum(fb.extend_lens, 0) - fb.extend_lens
+        token_off = torch.arange(token_req.numel(), device=dev) - starts[token_req]
+        key_pos = torch.arange(max_kv, device=dev)[None, :]
+        kv_slots = fb.req_to_token[fb.req_rows, :max_kv] * (key_pos < fb.seq_lens[:, None])
+        query_pos = fb.prefix_lens[:, None] + torch.arange(max_new, device=dev)[None, :]  # [B, max_new]
+        mask = key_pos[:, None, :] <= query_pos[:, :, None]
+        # Padded query rows attend to key 0 only, so softmax never sees an all-masked row.
+        valid_q = torch.arange(max_new, device=dev)[None, :] < fb.extend_lens[:, None]
+        mask = mask & valid_q[:, :, None] | (~valid_q[:, :, None] & (key_pos[:, None, :] == 0))
+        fb.attn_meta = TorchAttnMeta(token_req, token_off, kv_slots, mask[:, None], key_pos, query_pos)
+
+    def forward(self, q: torch.Tensor, layer: Attention, fb: ForwardBatch) -> torch.Tensor:
+        m: TorchAttnMeta = fb.attn_meta
+        B, H, D = fb.batch_size, layer.num_heads, layer.head_dim
+        qp = q.new_zeros(B, fb.max_extend_len, H, D)
+        qp[m.token_req, m.token_off] = q
+        k = fb.kv_pool.k[layer.layer_id][m.kv_slots].to(q.dtype)  # [B, max_kv, KVH, D]
+        v = fb.kv_pool.v[layer.layer_id][m.kv_slots].to(q.dtype)
+        mask = m.mask
+        if layer.sliding_window:
+            mask = mask & (m.key_pos[:, None, :] > m.query_pos[:, :, None] - layer.sliding_window)[:, None]
+        rep = H // layer.num_kv_heads
+        out = F.scaled_dot_product_attention(
+            qp.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
+            v.transpose(1, 2).repeat_interleave(rep, 1), attn_mask=mask, scale=layer.scale)
+        return out.transpose(1, 2)[m.token_req, m.token_off]

@@ -1,0 +1,124 @@
+"""ModelRunner: owns the model, the KV pool and the attention backend; turns a scheduled batch
+into a ForwardBatch and returns last-position logits."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from radixserve.args import ServerArgs
+from radixserve.attention import make_backend
+from radixserve.core import Req
+from radixserve.distributed.group import TPGroup
+from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.kvcache.pool import KVPool, ReqToTokenPool
+from radixserve.models.config import ModelConfig
+from radixserve.models.registry import build_model
+from radixserve.weights.loader import ModelSource, load_config, load_weights
+
+logger = logging.getLogger(__name__)
+GB = 1 << 30
+
+
+@dataclass
+class MemoryPlan:
+    max_total_num_tokens: int
+    num_pages: int
+    available_mem_gb: float  # device memory left for activations and graphs after weights + KV
+
+
+def device_memory(device: torch.device) -> tuple[int, int]:
+    """(free, total) bytes: the GPU's, or the host's RAM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), total
+
+
+class ModelRunner:
+    def __init__(self, args: ServerArgs, src: ModelSource, tp: TPGroup = TPGroup(),
+                 model_config: ModelConfig | None = None) -> None:
+        self.args, self.tp = args, tp
+        self.device = torch.device(args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
+        self.dtype = args.torch_dtype
+        self.cfg = model_config or load_config(src)
+        self.context_len = args.context_length or self.cfg.max_position_embeddings
+        t0 = time.perf_counter()
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = build_model(self.cfg, tp)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, src, args.load_format, args.seed)
+        self.model.eval()
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info("Loaded %s (%s, %.2f GB) in %.1f s", src.name, self.cfg.architecture,
+                    self.weight_bytes / GB, time.perf_counter() - t0)
+        self.memory = self._plan_memory()
+        kv_heads = self.model.model.layers[0].self_attn.attn.num_kv_heads
+        self.kv_pool = KVPool(self.cfg.num_layers, self.memory.num_pages * args.page_size, kv_heads,
+                              self.cfg.head_dim, self.dtype, self.device)
+        self.max_running_requests = args.max_running_requests or min(
+            4096 if self.device.type == "cuda" else 256, max(self.memory.max_total_num_tokens // 8, 1))
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, self.context_len + 1, self.device)
+        self.attn = make_backend(args.attention_backend)
+
+    def _plan_memory(self) -> MemoryPlan:
+        a, ps = self.args, self.args.page_size
+        per_token = KVPool.bytes_per_token(self.cfg.num_layers, self.model.model.layers[0].self_attn.attn.num_kv_heads,
+                                           self.cfg.head_dim, self.dtype)
+        free, total = device_memory(self.device)
+        if a.max_total_tokens:
+            tokens = a.max_total_tokens
+        else:
+            used = (total - free) if self.device.type == "cuda" else self.weight_bytes
+            budget = total * a.mem_fraction_static - used
+            if budget <= 0:
+                raise ValueError(
+                    f"--mem-fraction-static {a.mem_fraction_static} too low: weights and other use take "
+                    f"{used / GB:.1f} GB of {total / GB:.1f} GB, nothing left for the KV cache; try "
+                    f"{min(0.95, (used / total) + 0.1):.2f} or set --max-total-tokens")
+            tokens = int(budget // per_token)
+            left = free - tokens * per_token
+            if self.device.type == "cuda" and left < 1 * GB:
+                raise ValueError(
+                    f"--mem-fraction-static {a.mem_fraction_static} too high: {left / GB:.1f} GB left for "
+                    f"activations and CUDA graphs; try {max(0.1, a.mem_fraction_static - 0.05):.2f}")
+        num_pages = max(tokens // ps, 2) + 1  # +1: page 0 is the padding page
+        left = free - num_pages * ps * per_token if self.device.type == "cuda" else free
+        return MemoryPlan((num_pages - 1) * ps, num_pages, left / GB)
+
+    @torch.inference_mode()
+    def forward(self, reqs: list[Req], is_decode: bool) -> torch.Tensor:
+        """Run one step for `reqs`: each computes `req.extend_len` tokens starting at `req.kv_len`,
+        whose slots the scheduler already wrote into req_to_token. Returns logits [B, vocab]."""
+        fb = self.prepare(reqs, is_decode)
+        return self.model(fb)
+
+    def prepare(self, reqs: list[Req], is_decode: bool) -> ForwardBatch:
+        dev = self.device
+        if is_decode:
+            ids = [r.fill_ids[-1] for r in reqs]
+        else:
+            ids = [t for r in reqs for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]]
+        prefix = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64)
+        extend = torch.tensor([r.extend_len for r in reqs], dtype=torch.int64)
+        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+        seq = prefix + extend
+        req_idx = torch.repeat_interleave(torch.arange(len(reqs)), extend)
+        positions = torch.arange(int(extend.sum())) - (torch.cumsum(extend, 0) - extend)[req_idx] + prefix[req_idx]
+        rows_d, positions_d = rows.to(dev), positions.to(dev)
+        fb = ForwardBatch(
+            is_decode=is_decode, input_ids=torch.tensor(ids, dtype=torch.int64).to(dev), positions=positions_d,
+            out_slots=self.req_to_token_pool.req_to_token[rows_d[req_idx.to(dev)], positions_d],
+            req_rows=rows_d, seq_lens=seq.to(dev), prefix_lens=prefix.to(dev), extend_lens=extend.to(dev),
+            logits_idx=(torch.cumsum(extend, 0) - 1).to(dev), max_seq_len=int(seq.max()),
+            max_extend_len=int(extend.max()), kv_pool=self.kv_pool,
+            req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)
+        self.attn.init_forward_metadata(fb)
+        return fb

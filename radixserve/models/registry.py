@@ -1,0 +1,23 @@
+"""Architecture name (config.json `architectures[0]`) -> model class."""
+from __future__ import annotations
+
+from torch import nn
+
+from radixserve.distributed.group import TPGroup
+from radixserve.models.config import ModelConfig
+from radixserve.models.llama import LlamaForCausalLM
+
+# Qwen2/Qwen3/Mistral differ from Llama only by switches in ModelConfig (QKV bias, q/k norm,
+# sliding window), so they share one implementation instead of four copies.
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def build_model(cfg: ModelConfig, tp: TPGroup) -> nn.Module:
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture {cfg.architecture} is not supported; supported: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[cfg.architecture](cfg, tp)

@@ -1,0 +1,291 @@
+"""The scheduler: waiting queue → prefill batches → decode batches, one step at a time.
+
+Each `step()` runs at most one forward pass: a prefill batch if the adder admits anything (prefill
+has priority, as in SGLang), else one decode step for every running request. KV memory is
+reserved for running requests' future tokens via `new_token_ratio`; when a decode step still does
+not fit, requests are retracted (their KV handed to the prefix cache) and re-queued.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import torch
+
+from radixserve.args import ServerArgs
+from radixserve.core import FinishReason, Req
+from radixserve.detokenizer import IncrementalDetokenizer, find_stop
+from radixserve.engine.model_runner import ModelRunner
+from radixserve.engine.sampler import Sampler
+from radixserve.kvcache.allocator import PageAllocator
+from radixserve.kvcache.naive_cache import NaiveCache
+from radixserve.kvcache.radix_cache import RadixCache
+from radixserve.scheduler.policy import order_waiting
+from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
+from radixserve.scheduler.stats import SchedulerStats
+
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO_FACTOR = 0.14
+NEW_TOKEN_RATIO_DECAY_STEPS = 600
+RETRACT_DECODE_STEPS = 20
+
+
+class Scheduler:
+    def __init__(self, args: ServerArgs, runner: ModelRunner, tokenizer: Any = None) -> None:
+        self.args, self.runner, self.tokenizer = args, runner, tokenizer
+        self.page_size = args.page_size
+        self.allocator = PageAllocator(runner.memory.num_pages, args.page_size, runner.device)
+        self.cache = (NaiveCache if args.disable_radix_cache else RadixCache)(self.allocator, args.page_size)
+        self.req_to_token = runner.req_to_token_pool
+        self.sampler = Sampler(runner.cfg.vocab_size, runner.device)
+        self.eos_ids = frozenset(runner.cfg.eos_token_ids) | (
+            frozenset([tokenizer.eos_token_id]) if tokenizer is not None and tokenizer.eos_token_id is not None
+            else frozenset())
+        self.waiting: list[Req] = []
+        self.running: list[Req] = []
+        self.chunked: Req | None = None
+        self.early: list[Req] = []  # finished without running (max_new_tokens=0), reported next step
+        self.init_ratio = min(INIT_NEW_TOKEN_RATIO * args.schedule_conservativeness, 1.0)
+        self.min_ratio = min(self.init_ratio * MIN_NEW_TOKEN_RATIO_FACTOR, 1.0)
+        self.ratio_decay = (self.init_ratio - self.min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
+        self.new_token_ratio = self.init_ratio
+        self.stats = SchedulerStats(self.allocator.capacity_tokens, args.decode_log_interval)
+        self.rng = random.Random(args.seed)
+        self.max_running = runner.max_running_requests
+
+    # ---- requests in and out ----------------------------------------------------------------
+    def validate(self, prompt_len: int, max_new_tokens: int) -> None:
+        """Raise ValueError (→ HTTP 400) for a request that could never run."""
+        ctx, cap = self.runner.context_len, self.allocator.capacity_tokens
+        if prompt_len == 0:
+            raise ValueError("the prompt is empty")
+        if prompt_len + max_new_tokens > ctx:
+            raise ValueError(f"This model's maximum context length is {ctx} tokens. However, you requested "
+                             f"{prompt_len + max_new_tokens} tokens ({prompt_len} in the prompt, {max_new_tokens} "
+                             f"for the completion). Please reduce the prompt or max_tokens.")
+        if prompt_len + max_new_tokens > cap:
+            raise ValueError(f"the request needs {prompt_len + max_new_tokens} KV tokens but the pool holds "
+                             f"{cap}; raise --max-total-tokens or --mem-fraction-static")
+
+    def add_request(self, req: Req) -> None:
+        self.validate(len(req.origin_input_ids), req.sampling_params.max_new_tokens)
+        req.eos_token_ids = self.eos_ids
+        req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self.rng.getrandbits(63)
+        if req.sampling_params.stop and self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.sampling_params.skip_special_tokens)
+        self.stats.prompt_tokens_total += len(req.origin_input_ids)
+        if req.sampling_params.max_new_tokens == 0:
+            req.finish_reason = FinishReason.LENGTH
+            self.early.append(req)
+        else:
+            self.waiting.append(req)
+
+    def abort(self, rid: str) -> Req | None:
+        """Drop a request wherever it is and free everything it holds."""
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    self._finish(req, FinishReason.ABORT)
+                    return req
+        if self.chunked is not None and self.chunked.rid == rid:
+            req, self.chunked = self.chunked, None
+            self._finish(req, FinishReason.ABORT)
+            return req
+        return None
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked or self.early)
+
+    @property
+    def used_tokens(self) -> int:
+        return self.allocator.capacity_tokens - self.allocator.free_tokens - self.cache.evictable_size
+
+    # ---- one scheduling step ------------------------------------------------------------------
+    def step(self) -> list[Req]:
+        """Run one forward pass. Returns the requests that produced a token or finished."""
+        if self.early:
+            early, self.early = self.early, []
+            return early
+        batch = self._schedule_prefill()
+        if batch:
+            logits = self.runner.forward(batch, is_decode=False)
+            return self._process(batch, logits, is_decode=False)
+        if not self.running:
+            return []
+        batch = self._schedule_decode()
+        logits = self.runner.forward(batch, is_decode=True)
+        self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=False)
+        return self._process(batch, logits, is_decode=True)
+
+    def _schedule_prefill(self) -> list[Req]:
+        reserve = sum(reserved_tokens(r, self.new_token_ratio) for r in self.running)
+        if self.chunked is not None:
+            reserve += len(self.chunked.fill_ids) - self.chunked.kv_len
+        adder = PrefillAdder(
+            rem_total=self.allocator.free_tokens + self.cache.evictable_size - reserve,
+            rem_input=self.args.max_prefill_tokens, rem_chunk=self.args.chunked_prefill_size,
+            page_size=self.page_size, slots_left=self.max_running - len(self.running) - (self.chunked is not None))
+        batch: list[Req] = []
+        if self.chunked is not None:  # continue the cut prompt before admitting anything new
+            req, self.chunked = self.chunked, None
+            remaining = len(req.fill_ids) - req.kv_len
+            req.extend_len = min(remaining, self.args.chunked_prefill_size)
+            if req.extend_len < remaining:
+                req.extend_len = (req.kv_len + req.extend_len) // self.page_size * self.page_size - req.kv_len
+                self.chunked = req
+            if not self._alloc_extend(req):
+                self._retract(req)
+                return []
+            batch.append(req)
+            adder.rem_chunk -= req.extend_len
+            adder.rem_input -= req.extend_len
+            if self.chunked is not None:
+                return batch
+        if not self.waiting:
+            return batch
+        cached = 0
+        for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
+            match = self.cache.match_prefix(req.fill_ids[:-1])
+            if not adder.add(req, match.length):
+                break
+            req.last_node, req.cached_len = match.node, match.length
+            self.cache.inc_lock(match.node)
+            req.req_pool_idx = self.req_to_token.alloc()
+            if match.length:
+                self.req_to_token.write(req.req_pool_idx, 0, match.slots)
+            req.kv_len = match.length
+            if not self._alloc_extend(req):  # the adder's estimate was optimistic: put it back
+                self._release(req)
+                adder.admitted.remove(req)
+                adder.chunked = None
+                break
+            if req.retracted == 0:
+                req.cached_tokens = match.length
+                self.cache.record_hit(match.length, len(req.origin_input_ids))
+                self.stats.cached_tokens_total += match.length
+            cached += match.length
+            self.waiting.remove(req)
+            batch.append(req)
+        self.chunked = self.chunked or adder.chunked
+        if batch:
+            self.stats.log_prefill(len(batch), sum(r.extend_len for r in batch), cached, self.used_tokens,
+                                   len(self.running), len(self.waiting))
+        return batch
+
+    def _alloc_extend(self, req: Req) -> bool:
+        """Give `req` slots for positions [kv_len, kv_len + extend_len), evicting cache if needed."""
+        need = self.allocator.pages_needed(req.kv_len, req.kv_len + req.extend_len) * self.page_size
+        if need > self.allocator.free_tokens:
+            self.cache.evict(need - self.allocator.free_tokens)
+        if need > self.allocator.free_tokens:
+            return False
+        last = int(self.req_to_token.req_to_token[req.req_pool_idx, req.kv_len - 1]) if req.kv_len else 0
+        slots = self.allocator.alloc_extend(req.kv_len, req.kv_len + req.extend_len, last)
+        self.req_to_token.write(req.req_pool_idx, req.kv_len, slots)
+        return True
+
+    def _schedule_decode(self) -> list[Req]:
+        self._ensure_decode_memory()
+        reqs = self.running
+        kv_lens = torch.tensor([r.kv_len for r in reqs], device=self.runner.device)
+        rows = torch.tensor([r.req_pool_idx for r in reqs], device=self.runner.device)
+        table = self.req_to_token.req_to_token
+        slots = self.allocator.alloc_decode(kv_lens, table[rows, kv_lens - 1].clone())
+        table[rows, kv_lens] = slots
+        for r in reqs:
+            r.extend_len = 1
+        self.new_token_ratio = max(self.new_token_ratio - self.ratio_decay, self.min_ratio)
+        return list(reqs)
+
+    def _decode_need(self, reqs: list[Req]) -> int:
+        return sum(self.page_size for r in reqs if r.kv_len % self.page_size == 0)
+
+    def _ensure_decode_memory(self) -> None:
+        need = self._decode_need(self.running)
+        if need > self.allocator.free_tokens:
+            self.cache.evict(need - self.allocator.free_tokens)
+        if need <= self.allocator.free_tokens:
+            return
+        # Retract (SGLang's order): fewest generated tokens first, then longest prompt, until the rest
+        # can run RETRACT_DECODE_STEPS more steps.
+        victims = sorted(self.running, key=lambda r: (len(r.output_ids), -len(r.origin_input_ids)), reverse=True)
+        retracted: list[Req] = []
+        while len(victims) > 1:
+            steps = sum(min(RETRACT_DECODE_STEPS, r.remaining_new_tokens) for r in victims)
+            if self.allocator.free_tokens + self.cache.evictable_size >= max(steps, self._decode_need(victims)):
+                break
+            req = victims.pop()
+            self.running.remove(req)
+            self._retract(req)
+            retracted.append(req)
+        need = self._decode_need(self.running)
+        if need > self.allocator.free_tokens:
+            self.cache.evict(need - self.allocator.free_tokens)
+        total_decoded = sum(len(r.output_ids) for r in self.running)
+        total_max_new = sum(r.sampling_params.max_new_tokens for r in self.running)
+        if not retracted:
+            return
+        old = self.new_token_ratio
+        self.new_token_ratio = min(1.0, (total_decoded + RETRACT_DECODE_STEPS * len(self.running))
+                                   / (total_max_new + 1))
+        self.stats.log_retract(len(retracted), old, self.new_token_ratio)
+
+    def _retract(self, req: Req) -> None:
+        """Hand the request's KV to the cache and put it back in the queue; it will re-prefill
+        prompt + output so far (mostly as a cache hit) and continue exactly where it was."""
+        self._release(req)
+        req.retracted += 1
+        self.waiting.append(req)
+
+    def _release(self, req: Req) -> None:
+        if req.req_pool_idx is None:
+            return
+        slots = self.req_to_token.req_to_token[req.req_pool_idx, :req.kv_len].cpu()
+        self.cache.release(req.fill_ids[:req.kv_len], slots, req.last_node, req.cached_len)
+        self.req_to_token.free(req.req_pool_idx)
+        req.req_pool_idx, req.last_node, req.kv_len, req.cached_len = None, None, 0, 0
+
+    def _finish(self, req: Req, reason: FinishReason) -> None:
+        req.finish_reason = reason
+        self._release(req)
+
+    # ---- results ------------------------------------------------------------------------------
+    def _process(self, batch: list[Req], logits: torch.Tensor, is_decode: bool) -> list[Req]:
+        for req in batch:
+            req.kv_len += req.extend_len
+        done = [r for r in batch if r.kv_len == len(r.fill_ids)]  # chunked prompts sample nothing yet
+        if not done:
+            return []
+        rows = [i for i, r in enumerate(batch) if r.kv_len == len(r.fill_ids)]
+        out = self.sampler.sample(logits[rows] if len(rows) < len(batch) else logits, done)
+        ids = out.next_token_ids.tolist()
+        lps = out.logprobs.tolist() if out.logprobs is not None else None
+        for i, (req, tok) in enumerate(zip(done, ids)):
+            req.output_ids.append(tok)
+            if lps is not None and (req.sampling_params.logprobs or req.sampling_params.top_logprobs):
+                req.output_logprobs.append(lps[i])
+                req.output_top_logprobs.append(out.top_logprobs[i] if out.top_logprobs else [])
+            self.stats.generation_tokens_total += 1
+            self._check_finished(req, tok)
+            if req.finished:
+                if req in self.running:
+                    self.running.remove(req)
+                self._release(req)
+            elif not is_decode:
+                self.running.append(req)
+        return done
+
+    def _check_finished(self, req: Req, tok: int) -> None:
+        sp = req.sampling_params
+        if tok in sp.stop_token_ids or (not sp.ignore_eos and tok in req.eos_token_ids):
+            req.finish_reason = FinishReason.STOP
+        elif req.detok is not None:
+            delta = req.detok.add([tok])
+            cut = find_stop(req.detok.text, sp.stop, len(delta)) if delta else None
+            if cut is not None:
+                req.finish_reason, req.stop_text_len = FinishReason.STOP, cut
+        if req.finish_reason is None and (len(req.output_ids) >= sp.max_new_tokens
+                                          or req.seqlen >= self.runner.context_len):
+            req.finish_reason = FinishReason.LENGTH
