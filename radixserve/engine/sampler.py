@@ -4,7 +4,8 @@ Noise comes from a counter-based hash of (seed, step, token id), not from a torc
 generator hands each row whatever stream position its neighbours left, so a request's tokens would
 depend on the batch it happened to land in. With E_t ~ Exp(1) i.i.d., argmax_t p_t / E_t is distributed
 exactly as Categorical(p) (the exponential race), so sampling needs no normalised p, cumsum or search,
-and a row's draw depends only on its own probabilities and its own (seed, step).
+and a row's draw depends only on its own probabilities and its own (seed, step). The noise for a token
+id is the same whichever path (full vocab or sorted prefix) a row takes, so filtering cannot reshuffle it.
 """
 from __future__ import annotations
 
@@ -38,41 +39,50 @@ def _mix64(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _token_counts(seqs: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """[len(seqs), vocab] float counts, by one scatter_add over a padded id tensor (pads weigh 0)."""
-    width = max(1, max(map(len, seqs)))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], dtype=torch.int64, device=device)
+def _padded(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[n, L] ids and validity mask for non-empty `seqs`. Pads repeat the row's last id, so a scatter of a
+    value computed from the gathered logit writes the same value at that position as the real entry."""
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + s[-1:] * (width - len(s)) for s in seqs], dtype=torch.int64, device=device)
     lens = torch.tensor([len(s) for s in seqs], device=device)
-    valid = (torch.arange(width, device=device)[None] < lens[:, None]).float()
-    return torch.zeros(len(seqs), vocab, device=device).scatter_add_(1, ids, valid)
+    return ids, torch.arange(width, device=device)[None] < lens[:, None]
 
 
 def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
     """Return `logits` with repetition, then frequency and presence penalties applied (vLLM order).
 
     Repetition (HF) looks at prompt + output, because its purpose is to stop copying the context;
-    frequency/presence (OpenAI) look at output only. Only rows that use a penalty pay for the counts;
-    the input is returned untouched (not copied) when no row does.
+    frequency/presence (OpenAI) look at output only. Only the (row, token) entries in a history are
+    gathered, changed and scattered back, so cost scales with history length, not B * V; rows with no
+    penalty or no history are skipped, and the input is returned as is (not copied) when none is left.
     """
-    ps = [r.sampling_params for r in reqs]
-    rep_rows = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
-    fp_rows = [i for i, p in enumerate(ps) if p.frequency_penalty != 0.0 or p.presence_penalty != 0.0]
+    ps, dev, vocab = [r.sampling_params for r in reqs], logits.device, logits.shape[1]
+    rep_rows = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0 and reqs[i].seqlen]
+    fp_rows = [i for i, p in enumerate(ps) if (p.frequency_penalty or p.presence_penalty) and reqs[i].output_ids]
     if not rep_rows and not fp_rows:
         return logits
-    out, dev, vocab = logits.clone(), logits.device, logits.shape[1]
+    out = logits.clone()
+
+    def col(vals: list[float]) -> torch.Tensor:
+        return torch.tensor(vals, dtype=out.dtype, device=dev)[:, None]
+
     if rep_rows:
-        idx = torch.tensor(rep_rows, device=dev)
-        seen = _token_counts([reqs[i].origin_input_ids + reqs[i].output_ids for i in rep_rows], vocab, dev) > 0
-        pen = torch.tensor([ps[i].repetition_penalty for i in rep_rows], dtype=out.dtype, device=dev)[:, None]
-        sub = out[idx]
-        out[idx] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+        ids, _ = _padded([reqs[i].fill_ids for i in rep_rows], dev)
+        rows = torch.tensor(rep_rows, device=dev)[:, None]
+        pen, v = col([ps[i].repetition_penalty for i in rep_rows]), out[rows, ids]
+        out[rows, ids] = torch.where(v > 0, v / pen, v * pen)
     if fp_rows:
-        idx = torch.tensor(fp_rows, device=dev)
-        counts = _token_counts([reqs[i].output_ids for i in fp_rows], vocab, dev)
-        freq = torch.tensor([ps[i].frequency_penalty for i in fp_rows], dtype=out.dtype, device=dev)[:, None]
-        pres = torch.tensor([ps[i].presence_penalty for i in fp_rows], dtype=out.dtype, device=dev)[:, None]
-        out[idx] = out[idx] - freq * counts - pres * (counts > 0).to(out.dtype)
+        ids, valid = _padded([reqs[i].output_ids for i in fp_rows], dev)
+        rows = torch.tensor(fp_rows, device=dev)[:, None]
+        counts = torch.zeros(len(fp_rows), vocab, dtype=out.dtype, device=dev)
+        counts = counts.scatter_add_(1, ids, valid.to(out.dtype)).gather(1, ids)
+        freq = col([ps[i].frequency_penalty for i in fp_rows])
+        pres = col([ps[i].presence_penalty for i in fp_rows])
+        out[rows, ids] = out[rows, ids] - freq * counts - pres * (counts > 0).to(out.dtype)
     return out
+
+
+_NUCLEUS_PREFIX = 1024  # top-p first looks for its nucleus among this many tokens (topk is ~10x cheaper than sort)
 
 
 @dataclass
@@ -88,79 +98,108 @@ class Sampler:
     def __init__(self, vocab_size: int, device: torch.device | str) -> None:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        # splitmix64 counter offsets per token id, built once: the per-step noise is then a row key
-        # broadcast-added to this and one _mix64 pass.
-        self._tok_offsets = torch.arange(vocab_size, dtype=torch.int64, device=self.device) * _GOLDEN
+        # Per-token half of the noise hash, built once. mix64 is a bijection and t * golden is injective,
+        # so no two token ids share a hash (which would tie their noise in every row and step).
+        self._tok_hash = _mix64((torch.arange(vocab_size, dtype=torch.int64, device=self.device) + 1) * _GOLDEN)
 
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
         assert logits.shape == (len(reqs), self.vocab_size), (logits.shape, len(reqs), self.vocab_size)
-        ps = [r.sampling_params for r in reqs]
+        ps, dev, logits = [r.sampling_params for r in reqs], logits.device, logits.float()
         penalised = apply_penalties(logits, reqs)
         # Greedy is an argmax for every row (cheap); only sampled rows go through softmax, filters and
-        # noise, and their draws are written over the argmax. That index_copy_ is the torch.where of a
-        # mixed batch without computing the sampled branch for greedy rows.
-        next_ids = penalised.argmax(dim=-1)
+        # noise, and their draws overwrite the argmax: the torch.where of a mixed batch, without
+        # computing the sampled branch for greedy rows.
         rows = [i for i, p in enumerate(ps) if not p.greedy]
-        if rows:
-            idx = torch.tensor(rows, device=logits.device)
-            sub = penalised if len(rows) == len(reqs) else penalised[idx]
-            next_ids.index_copy_(0, idx, self._sample_rows(sub, [reqs[i] for i in rows]))
+        if len(rows) == len(reqs):
+            next_ids = self._sample_rows(penalised, reqs)
+        else:
+            next_ids = penalised.argmax(dim=-1)
+            if rows:
+                idx = torch.tensor(rows, device=dev)
+                next_ids.index_copy_(0, idx, self._sample_rows(penalised[idx], [reqs[i] for i in rows]))
 
         if not any(p.logprobs or p.top_logprobs > 0 for p in ps):
             return SampleOutput(next_ids, None, None)
-        # Logprobs are of the raw model distribution (OpenAI/vLLM convention), not of what was sampled.
-        raw = logits.float()
+        # Logprobs describe the raw model distribution (OpenAI/vLLM convention), not the filtered one.
+        raw = logits
         lse = torch.logsumexp(raw, dim=-1)
         logprobs = raw.gather(1, next_ids[:, None]).squeeze(1) - lse
         top: list[list[tuple[int, float]]] = [[] for _ in reqs]
         top_rows = [i for i, p in enumerate(ps) if p.top_logprobs > 0]
         if top_rows:
-            idx = torch.tensor(top_rows, device=logits.device)
+            idx = torch.tensor(top_rows, device=dev)
             vals, ids = raw[idx].topk(max(ps[i].top_logprobs for i in top_rows), dim=-1)
             vals, ids = (vals - lse[idx, None]).tolist(), ids.tolist()
             for j, i in enumerate(top_rows):
-                k = ps[i].top_logprobs
-                top[i] = list(zip(ids[j][:k], vals[j][:k]))
+                top[i] = list(zip(ids[j][: ps[i].top_logprobs], vals[j][: ps[i].top_logprobs]))
         return SampleOutput(next_ids, logprobs, top)
 
+    def _log_u(self, keys: torch.Tensor, tok_hash: torch.Tensor) -> torch.Tensor:
+        """log u for u ~ U(0, 1) per (row key, token): the hot [rows, tokens] part of the noise.
+
+        The full finaliser is paid once per row (keys) and once per token (tok_hash); each pair only
+        gets a multiply-xorshift-multiply of their xor. The 24 bits kept come from the top of the last
+        multiply, so splitmix's trailing xorshift could not change them and is skipped.
+        """
+        h = keys[:, None] ^ tok_hash
+        h *= _MUL1
+        h ^= (h >> 32) & 0xFFFFFFFF
+        h *= _MUL2
+        # Arithmetic >> 40 leaves a signed 24-bit value; shifted by 2**23 + 0.5 it gives u strictly in (0, 1).
+        return (h >> 40).to(torch.float32).add_(2.0**23 + 0.5).mul_(2.0**-24).log_()
+
     def _sample_rows(self, logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
-        """Sample one token per row of temperature > 0 rows."""
-        ps = [r.sampling_params for r in reqs]
-        dev, vocab = logits.device, self.vocab_size
-        temp = torch.tensor([p.temperature for p in ps], dtype=logits.dtype, device=dev)[:, None]
-        probs = torch.softmax(logits / temp, dim=-1)
+        """Draw one token per row (all temperature > 0): argmax log(u) / p, i.e. argmin E / p."""
+        ps, dev, vocab = [r.sampling_params for r in reqs], logits.device, self.vocab_size
 
-        # top-k then top-p (on the top-k-renormalised mass, as HF warpers chain) need a sort; do it only
-        # for rows that ask, and only a topk(max k) when no row asks for top-p.
-        ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
-        srows = [j for j, p in enumerate(ps) if ks[j] < vocab or p.top_p < 1.0]
-        if srows:
-            sidx = torch.tensor(srows, device=dev)
-            sub = probs[sidx]
-            k = torch.tensor([ks[j] for j in srows], device=dev)[:, None]
-            top_p = torch.tensor([ps[j].top_p for j in srows], dtype=probs.dtype, device=dev)[:, None]
-            if (top_p < 1).any():
-                vals, ids = sub.sort(dim=-1, descending=True)
-            else:
-                vals, ids = sub.topk(max(ks[j] for j in srows), dim=-1)
-            rank = torch.arange(vals.shape[1], device=dev)[None]
-            vals = vals.masked_fill(rank >= k, 0.0)
-            before = vals.cumsum(dim=-1) - vals  # mass strictly above each rank
-            keep = (before < top_p * vals.sum(dim=-1, keepdim=True)) | (top_p >= 1) | (rank == 0)
-            keep &= rank < k
-            full = torch.zeros_like(sub, dtype=torch.bool).scatter_(1, ids, keep)
-            probs[sidx] = sub.masked_fill(~full, 0.0)
+        def col(vals: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(vals, dtype=dtype, device=dev)[:, None]
 
-        min_p = [p.min_p for p in ps]
-        if any(m > 0 for m in min_p):
-            thr = torch.tensor(min_p, dtype=probs.dtype, device=dev)[:, None] * probs.amax(dim=-1, keepdim=True)
-            probs = probs.masked_fill(probs < thr, 0.0)
-
-        # No renormalisation: argmax(p / E) is scale invariant per row, so it would change nothing.
+        probs = torch.softmax(logits / col([p.temperature for p in ps]), dim=-1)
         seeds = torch.tensor([_i64(r.seed) for r in reqs], dtype=torch.int64, device=dev)
         steps = torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev)
-        key = _mix64(_mix64(seeds) + steps * _GOLDEN)
-        h = _mix64(key[:, None] + self._tok_offsets.to(dev)[None])
-        # Top 24 bits -> u in (0, 1) exactly representable in float32; E = -log(u) ~ Exp(1).
-        u = ((h >> 40) & 0xFFFFFF).to(torch.float32).add_(0.5).mul_(2.0**-24)
-        return (probs / u.log_().neg_()).argmax(dim=-1)
+        keys = _mix64(_mix64(seeds) + steps * _GOLDEN)  # per-row half of the noise hash: (seed, step)
+        ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
+        srows = [j for j, p in enumerate(ps) if ks[j] < vocab or p.top_p < 1.0]
+        drows = [j for j, p in enumerate(ps) if ks[j] == vocab and p.top_p >= 1.0]
+        out = torch.empty(len(reqs), dtype=torch.int64, device=dev)
+        if drows:  # no top-k/top-p: every token is a candidate, noise over the whole vocab
+            d = torch.tensor(drows, device=dev)
+            pd = probs if len(drows) == len(reqs) else probs[d]
+            min_p = col([ps[j].min_p for j in drows])
+            if (min_p > 0).any():
+                pd = pd.masked_fill(pd < min_p * pd.amax(dim=-1, keepdim=True), 0.0)
+            out[d] = (self._log_u(keys[d], self._tok_hash) / pd).argmax(dim=-1)
+        if srows:  # top-k/top-p: only a sorted prefix can survive, so noise only for that prefix
+            s = torch.tensor(srows, device=dev)
+            sub = probs if len(srows) == len(reqs) else probs[s]
+            k = col([ks[j] for j in srows], torch.int64)
+            top_p, min_p = col([ps[j].top_p for j in srows]), col([ps[j].min_p for j in srows])
+            width = min(vocab, max(ks[j] if ks[j] < vocab else _NUCLEUS_PREFIX for j in srows))
+            picks, fits = self._pick_sorted(sub, width, k, top_p, min_p, keys[s])
+            if not fits.all():  # nucleus wider than the prefix: redo those rows with a full sort
+                b = (~fits).nonzero().squeeze(1)
+                picks[b] = self._pick_sorted(sub[b], vocab, k[b], top_p[b], min_p[b], keys[s][b])[0]
+            out[s] = picks
+        return out
+
+    def _pick_sorted(
+        self, probs: torch.Tensor, width: int, k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+        keys: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """top-k, then top-p on the top-k-renormalised mass (as HF warpers chain), then min-p, on the
+        `width` most likely tokens. Returns the picks and whether each row's nucleus ended inside them."""
+        vocab = probs.shape[1]
+        vals, ids = probs.sort(dim=-1, descending=True) if width == vocab else probs.topk(width, dim=-1)
+        rank = torch.arange(width, device=probs.device)[None]
+        vals = vals.masked_fill(rank >= k, 0.0)
+        mass = vals.sum(dim=-1, keepdim=True)  # the top-k mass top-p is relative to; whole row when k is off
+        if (k == vocab).any():
+            mass = torch.where(k < vocab, mass, probs.sum(dim=-1, keepdim=True))
+        cum = vals.cumsum(dim=-1)
+        # cum - vals is the mass ranked above a token; it is 0 < top_p for the top token, which always stays.
+        keep = (cum - vals < top_p * mass) | (top_p >= 1)
+        keep &= (rank < k) & (vals >= min_p * vals[:, :1])
+        fits = (top_p >= 1) | (k < vocab) | (width == vocab) | (cum[:, -1:] >= top_p * mass)
+        score = self._log_u(keys, self._tok_hash[ids]) / vals.masked_fill(~keep, 0.0)
+        return ids.gather(1, score.argmax(dim=-1, keepdim=True)).squeeze(1), fits.squeeze(1)

@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}
+
+
 @dataclass
 class ModelConfig:
     architecture: str
@@ -28,7 +32,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Any) -> "ModelConfig":
-        arch = (getattr(hf, "architectures", None) or ["LlamaForCausalLM"])[0]
+        archs = getattr(hf, "architectures", None)  # configs rebuilt from GGUF carry only model_type
+        arch = archs[0] if archs else MODEL_TYPES.get(hf.model_type, "LlamaForCausalLM")
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
         rope.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
         rope.setdefault("rope_type", rope.pop("type", "default"))

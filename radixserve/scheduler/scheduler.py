@@ -34,7 +34,7 @@ class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunner, tokenizer: Any = None) -> None:
         self.args, self.runner, self.tokenizer = args, runner, tokenizer
         self.page_size = args.page_size
-        self.allocator = PageAllocator(runner.memory.num_pages, args.page_size, runner.device)
+        self.allocator = PageAllocator(runner.kv_pool.num_slots // args.page_size, args.page_size, runner.device)
         self.cache = (NaiveCache if args.disable_radix_cache else RadixCache)(self.allocator, args.page_size)
         self.req_to_token = runner.req_to_token_pool
         self.sampler = Sampler(runner.cfg.vocab_size, runner.device)

@@ -12,6 +12,7 @@ import re
 import struct
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import gguf
 import numpy as np
@@ -193,6 +194,21 @@ class _GGUFFile:
         return None
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Temporarily cap torch's intra-op threads (restored before control returns to the caller).
+
+    Why: dequantization is hundreds of small memory-bound ops; with OpenMP workers spin-waiting at every op
+    boundary, a busy 2-core box took 8-20 s instead of <1 s single-threaded, for at best 2x when idle.
+    """
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
 def load_gguf_weights(path: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, float32 tensor)`` in HF layout for every GGUF tensor an HF decoder model uses.
 
@@ -209,25 +225,51 @@ def load_gguf_weights(path: str, progress: bool = True) -> Iterator[tuple[str, t
         name = _hf_name(gguf_name)
         if name is None:
             continue  # e.g. llama3's rope_freqs: recomputed from the config by the model
-        w = dequantize(data, qtype, shape)
-        if permuted and ".self_attn.q_proj." in name:
-            w = _unpermute(w, int(n_head))
-        elif permuted and ".self_attn.k_proj." in name:
-            w = _unpermute(w, int(n_head_kv))
+        with _torch_threads(1):
+            w = dequantize(data, qtype, shape)
+            if permuted and ".self_attn.q_proj." in name:
+                w = _unpermute(w, int(n_head))
+            elif permuted and ".self_attn.k_proj." in name:
+                w = _unpermute(w, int(n_head_kv))
         yield name, w
 
 
-def load_gguf_config(path: str):
-    """HF config built by transformers' GGUF metadata parser (local file only, never hits the network)."""
-    from transformers import AutoConfig
+def _converted_dir(path: str) -> str:
+    """Where the config and tokenizer that transformers rebuilds from a GGUF file are kept.
 
+    transformers re-parses the whole file (vocab and merges included) on every load, ~10 s for the
+    bundled model; saving its result once keyed by file identity makes later starts take ~0.3 s."""
+    st = os.stat(path)
+    key = f"{os.path.basename(path)}-{st.st_size}-{int(st.st_mtime)}"
+    return os.path.join(os.path.expanduser("~/.cache/radixserve/gguf"), key)
+
+
+def _load_converted(path: str, kind: str):
+    from transformers import AutoConfig, AutoTokenizer
+
+    auto = AutoConfig if kind == "config" else AutoTokenizer
+    cached = os.path.join(_converted_dir(path), kind)
+    if os.path.isdir(cached):
+        try:
+            return auto.from_pretrained(cached, local_files_only=True)
+        except (OSError, ValueError):
+            pass  # a half-written or stale cache: rebuild it
     d, f = os.path.split(os.path.abspath(path))
-    return AutoConfig.from_pretrained(d, gguf_file=f, local_files_only=True)
+    obj = auto.from_pretrained(d, gguf_file=f, local_files_only=True)
+    try:
+        tmp = f"{cached}.tmp{os.getpid()}"
+        obj.save_pretrained(tmp)
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # read-only home: just convert again next time
+    return obj
+
+
+def load_gguf_config(path: str):
+    """HF config from transformers' GGUF metadata parser (local file only, cached on disk)."""
+    return _load_converted(path, "config")
 
 
 def load_gguf_tokenizer(path: str):
-    """HF fast tokenizer reconstructed from the GGUF vocab/merges (local file only)."""
-    from transformers import AutoTokenizer
-
-    d, f = os.path.split(os.path.abspath(path))
-    return AutoTokenizer.from_pretrained(d, gguf_file=f, local_files_only=True)
+    """HF fast tokenizer reconstructed from the GGUF vocab/merges (local file only, cached on disk)."""
+    return _load_converted(path, "tokenizer")

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m radixserve.bench.serving` (online, against any OpenAI-compatible server)."""

@@ -1,0 +1,1 @@
+"""The serving layer: API server, tokenizer manager, scheduler and detokenizer processes."""

@@ -1,0 +1,156 @@
+"""Server start-up and shutdown: three processes, one watchdog.
+
+```
+main process: API server (FastAPI/uvicorn) + TokenizerManager (tokenize, route outputs), watchdog
+  ├─ scheduler process:   Engine (model runner + scheduler) driven by ZMQ  (scheduler_process.py)
+  └─ detokenizer process: token ids → text deltas                          (detokenizer.py)
+```
+Children are `spawn`ed (a forked copy of a process that has imported torch or started threads is
+unsafe). The main process binds the HTTP port first, so a port in use fails in milliseconds instead of
+after loading the model, and prints `API server is ready to serve on HOST:PORT` only once the
+scheduler has loaded the model (its memory line comes first) and uvicorn listens.
+
+Shutdown: SIGINT/SIGTERM stop uvicorn (open streams get TIMEOUT_GRACEFUL_S to finish), then every child
+is killed and reaped. A child that dies on its own is seen at once (its process
+sentinel is an fd on the event loop): the server logs which one, fails the pending requests and exits
+with code 1. Children in turn exit when the main process disappears (procs.init_child).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+from multiprocessing.process import BaseProcess
+
+import uvicorn
+
+from radixserve.args import ServerArgs
+from radixserve.server.api import create_app
+from radixserve.server.detokenizer import run_detokenizer
+from radixserve.server.messages import Addresses
+from radixserve.server.procs import setup_logging
+from radixserve.server.scheduler_process import run_scheduler
+from radixserve.server.tokenizer_manager import TokenizerManager
+
+logger = logging.getLogger("radixserve.server")
+TIMEOUT_GRACEFUL_S = 2
+CHILD_JOIN_S = 5.0
+
+
+class _Server(uvicorn.Server):
+    """uvicorn would install its own signal handlers and re-raise the signal after shutting down, which
+    kills the process before it can stop its children; launch handles signals itself."""
+
+    def capture_signals(self):  # type: ignore[override]
+        import contextlib
+        return contextlib.nullcontext()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def launch_server(args: ServerArgs) -> None:
+    setup_logging(args.log_level)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        logger.error(f"Cannot listen on {args.host}:{args.port}: {e.strerror}. Pick another --port.")
+        sys.exit(1)
+    addrs = Addresses(tempfile.mkdtemp(prefix="radixserve-"))
+    ctx = mp.get_context("spawn")
+    procs = {
+        "scheduler": ctx.Process(target=run_scheduler, args=(args, addrs, os.getpid()), name="radixserve-scheduler"),
+        "detokenizer": ctx.Process(target=run_detokenizer, args=(args.log_level, addrs, os.getpid()),
+                                   name="radixserve-detokenizer"),
+    }
+    code = 1
+    try:
+        for p in procs.values():
+            p.start()
+        code = asyncio.run(_serve(args, addrs, procs, sock))
+    finally:
+        stop_children(procs)
+        shutil.rmtree(addrs.run_dir, ignore_errors=True)
+    sys.exit(code)
+
+
+def stop_children(procs: dict[str, BaseProcess]) -> None:
+    """SIGKILL: the children hold nothing that needs flushing (the KV cache dies with the process), and a
+    scheduler stuck in a long forward pass would not act on SIGTERM until it returns."""
+    for p in procs.values():
+        if p.pid is not None and p.exitcode is None:
+            p.kill()
+    for p in procs.values():
+        if p.pid is not None:
+            p.join(CHILD_JOIN_S)
+
+
+async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProcess], sock: socket.socket) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    failures: list[str] = []
+    tm = TokenizerManager(addrs)
+    server: list[_Server] = []
+
+    def shutdown() -> None:
+        stop.set()
+        for s in server:
+            s.force_exit = s.should_exit  # a second Ctrl-C skips the graceful wait
+            s.should_exit = True
+
+    def on_signal(sig: signal.Signals) -> None:
+        logger.info(f"Received {sig.name}; shutting down")
+        shutdown()
+
+    def on_child_exit(name: str, proc: BaseProcess) -> None:
+        loop.remove_reader(proc.sentinel)
+        proc.join(0.1)
+        if stop.is_set():  # already shutting down: a signal to the process group reached the child too
+            return
+        msg = (f"The {name} process (pid {proc.pid}) died unexpectedly (exit code {proc.exitcode}); "
+               f"shutting down the server")
+        logger.error(msg)
+        failures.append(msg)
+        tm.fail_all(f"the {name} process died; the server is shutting down")
+        shutdown()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    for name, p in procs.items():
+        loop.add_reader(p.sentinel, on_child_exit, name, p)
+    try:
+        ready = asyncio.ensure_future(tm.wait_ready())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if not ready.done() or ready.exception() is not None:
+            ready.cancel()
+            return 1 if failures else 0
+        recv = asyncio.ensure_future(tm.recv_loop())
+        config = uvicorn.Config(create_app(tm, args), log_config=None, log_level="warning", access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=TIMEOUT_GRACEFUL_S)
+        server.append(_Server(config))
+        serving = asyncio.ensure_future(server[0].serve(sockets=[sock]))
+        while not server[0].started and not serving.done():
+            await asyncio.sleep(0.02)
+        if server[0].started and not stop.is_set():
+            logger.info(f"API server is ready to serve on {args.host}:{args.port}")
+        await serving
+        recv.cancel()
+        stopped.cancel()
+        return 1 if failures else 0
+    finally:
+        for p in procs.values():
+            if p.sentinel is not None:
+                loop.remove_reader(p.sentinel)
+        tm.close()

@@ -1,0 +1,140 @@
+"""Typed messages between the server's processes: msgspec structs, msgpack-encoded on ZMQ PUSH/PULL.
+
+```
+API server ──GenerateReq / AbortReq / FlushCacheReq / GetInfoReq──▶ scheduler
+scheduler  ──DetokInit, BatchTokenOut──▶ detokenizer ──BatchStrOut──▶ API server
+scheduler  ──Ready, ReqError, FlushCacheOut, InfoOut──▶ API server
+```
+Every receiver binds one PULL socket and decodes a tagged union, so a message can never be read as the
+wrong type. Per-token messages are batched per scheduler step and carry only what is new.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from radixserve.core import SamplingParams
+
+
+# ---- API server → scheduler -------------------------------------------------------------------------
+class GenerateReq(msgspec.Struct, tag=True):
+    rid: str
+    input_ids: list[int]
+    sampling_params: SamplingParams
+
+
+class AbortReq(msgspec.Struct, tag=True):
+    rid: str
+
+
+class FlushCacheReq(msgspec.Struct, tag=True):
+    req_id: int
+
+
+class GetInfoReq(msgspec.Struct, tag=True):
+    req_id: int
+
+
+# ---- scheduler → API server -------------------------------------------------------------------------
+class Ready(msgspec.Struct, tag=True):
+    """Sent once the model is loaded. The tokenizer is saved to `tokenizer_dir` so the other processes
+    read a tokenizer.json in a fraction of a second instead of each rebuilding it from the GGUF file."""
+    tokenizer_dir: str
+    model_name: str
+    info: dict[str, Any]  # memory plan: max_total_num_tokens, context_len, vocab_size, ...
+
+
+class ReqError(msgspec.Struct, tag=True):
+    """The scheduler refused a request (Scheduler.validate); nothing was queued or allocated."""
+    rid: str
+    message: str
+
+
+class FlushCacheOut(msgspec.Struct, tag=True):
+    req_id: int
+    success: bool
+    message: str
+
+
+class InfoOut(msgspec.Struct, tag=True):
+    req_id: int
+    info: dict[str, Any]
+
+
+# ---- scheduler → detokenizer → API server -----------------------------------------------------------
+class DetokInit(msgspec.Struct, tag=True):
+    tokenizer_dir: str
+
+
+class TokenOut(msgspec.Struct):
+    """What one scheduler step produced for one request: the new token ids and, at the end, why it
+    finished. `drop_last`: the last id is a stop token / EOS and is not part of the text (the rule of
+    Engine.output_text); `stop_text_len`: a stop string starts at this character of the text."""
+    rid: str
+    new_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    drop_last: bool = False
+    stop_text_len: int | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    stop: list[str] = []  # sent with a request's first output only: the detokenizer holds back
+    skip_special_tokens: bool = True  # text that could be the start of a stop string
+
+
+class BatchTokenOut(msgspec.Struct, tag=True):
+    outs: list[TokenOut]
+
+
+class StrOut(msgspec.Struct):
+    rid: str
+    text: str  # new text since the previous StrOut of this request
+    new_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    finish_reason: str | None = None
+    matched: int | str | None = None  # the stop token id or stop string that ended it
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class BatchStrOut(msgspec.Struct, tag=True):
+    outs: list[StrOut]
+
+
+SchedulerIn = GenerateReq | AbortReq | FlushCacheReq | GetInfoReq
+DetokenizerIn = DetokInit | BatchTokenOut
+ApiIn = Ready | ReqError | FlushCacheOut | InfoOut | BatchStrOut
+
+encode = msgspec.msgpack.Encoder().encode
+
+
+def decoder(union: Any) -> msgspec.msgpack.Decoder:
+    return msgspec.msgpack.Decoder(union)
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """IPC endpoints of one server instance, inside its private run directory."""
+    run_dir: str
+
+    def _ipc(self, name: str) -> str:
+        return "ipc://" + os.path.join(self.run_dir, name)
+
+    @property
+    def scheduler(self) -> str:
+        return self._ipc("scheduler")
+
+    @property
+    def detokenizer(self) -> str:
+        return self._ipc("detokenizer")
+
+    @property
+    def api(self) -> str:
+        return self._ipc("api")

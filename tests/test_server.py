@@ -1,0 +1,399 @@
+"""The server end to end: a real `python -m radixserve` on loopback, the official openai client, raw HTTP
+for what the client cannot send (malformed JSON, disconnects). Greedy decoding wherever outputs are
+compared; max_tokens stays small so the file runs in a few minutes on a laptop CPU."""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import openai
+import pytest
+from conftest import Server, descendants, launch_server, start_server
+
+from radixserve.bench.serving import BenchArgs, run_benchmark
+
+CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+PROMPT = "The quick brown fox"
+API_KEY = "sk-radixserve-test"
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+def request(base_url: str, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None,
+            timeout: float = 120) -> tuple[int, bytes]:
+    u = urlparse(base_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    try:
+        conn.request(method, path, data, {"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def get_json(base_url: str, path: str, **kw) -> dict:
+    status, data = request(base_url, "GET", path, **kw)
+    assert status == 200, data
+    return json.loads(data)
+
+
+def live(base_url: str) -> dict:
+    return get_json(base_url, "/get_server_info")["internal_states"][0]
+
+
+def wait_idle(base_url: str, timeout: float = 30) -> dict:
+    """Until nothing runs or waits, then the live figures."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = live(base_url)
+        if info["num_running_reqs"] == 0 and info["num_queue_reqs"] == 0 or time.monotonic() > deadline:
+            return info
+        time.sleep(0.2)
+
+
+def sse_events(resp: http.client.HTTPResponse):
+    for raw in resp:
+        line = raw.decode().strip()
+        if line.startswith("data: "):
+            if line == "data: [DONE]":
+                return
+            yield json.loads(line[6:])
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def greedy_completion(client: openai.OpenAI, model: str):
+    return client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0,
+                                      extra_body={"ignore_eos": True})
+
+
+# ---- start-up ----------------------------------------------------------------------------------------
+def test_startup_prints_memory_line_then_ready(server: Server) -> None:
+    log = server.log()
+    mem = log.find("max_total_num_tokens=16384, chunked_prefill_size=")
+    ready = log.find(f"API server is ready to serve on 127.0.0.1:{server.port}")
+    assert 0 <= mem < ready, log[-3000:]
+
+
+def test_models(client: openai.OpenAI, model: str) -> None:
+    assert [m.id for m in client.models.list().data] == [model]
+
+
+# ---- OpenAI API --------------------------------------------------------------------------------------
+def test_chat_stream_equals_non_stream(client: openai.OpenAI, model: str) -> None:
+    full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    text, u = full.choices[0].message.content, full.usage
+    assert text and full.choices[0].finish_reason in ("stop", "length")
+    assert u.completion_tokens == len(full.choices[0].logprobs.content) <= 24
+    assert all(len(t.top_logprobs) == 2 for t in full.choices[0].logprobs.content)
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+
+    parts, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0,
+                                                stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        if chunk.choices:
+            parts.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(parts) == text
+    assert finish == full.choices[0].finish_reason
+    assert (usage.prompt_tokens, usage.completion_tokens) == (u.prompt_tokens, u.completion_tokens)
+    # The same prompt again is served from the radix cache (all but its last token).
+    assert 0 < usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+
+
+def test_completion_stream_equals_non_stream(client: openai.OpenAI, model: str, greedy_completion) -> None:
+    full = greedy_completion
+    assert full.choices[0].finish_reason == "length" and full.usage.completion_tokens == 16
+    chunks = list(client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 16
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_completion_token_ids_and_echo(client: openai.OpenAI, model: str) -> None:
+    ids = [504, 3575, 282, 4649, 314]
+    r = client.completions.create(model=model, prompt=ids, max_tokens=4, temperature=0, echo=True)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens <= 4
+    assert r.choices[0].text.startswith("The capital of France is")
+    batch = client.completions.create(model=model, prompt=[ids, ids[:3]], max_tokens=3, temperature=0)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.usage.prompt_tokens == 8
+
+
+def test_stop_string_cuts_exactly(client: openai.OpenAI, model: str, greedy_completion) -> None:
+    full = greedy_completion.choices[0].text
+    k = len(full) // 2
+    stop = full[k:k + 3]  # usually spans a token boundary
+    expected = full[:full.index(stop)]
+    kw = dict(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop, "never-matches"])
+    r = client.completions.create(**kw)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
+    assert streamed == expected
+
+
+def test_n2_with_seed_is_reproducible(client: openai.OpenAI, model: str) -> None:
+    kw = dict(model=model, messages=[{"role": "user", "content": "Write a one-line poem about the sea."}], n=2,
+              max_tokens=12, temperature=1.0, seed=1234)
+    a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
+    texts = [c.message.content for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1]
+    assert texts == [c.message.content for c in b.choices]
+    assert texts[0] != texts[1]
+    assert a.usage.completion_tokens == sum(len(c.logprobs.content) if c.logprobs else 0 for c in a.choices) or \
+        a.usage.completion_tokens <= 24
+
+
+def test_concurrent_requests_equal_alone(client: openai.OpenAI, model: str, base_url: str) -> None:
+    prompts = [f"Question {i}: name a color and a number." for i in range(8)]
+
+    def run(p: str) -> str:
+        return client.completions.create(model=model, prompt=p, max_tokens=12, temperature=0).choices[0].text
+
+    alone = {p: run(p) for p in prompts}
+    assert request(base_url, "POST", "/flush_cache")[0] == 200  # the batch computes from scratch as well
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, prompts * 2))
+    assert together == [alone[p] for p in prompts * 2]
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+MSG = [{"role": "user", "content": "hi"}]
+BAD = [
+    ("malformed-json", "/v1/chat/completions", b'{"messages": [', 400, None, "invalid_json"),
+    ("no-body", "/v1/chat/completions", b"", 400, None, None),
+    ("missing-messages", "/v1/chat/completions", {"max_tokens": 4}, 400, "messages", "missing_required_parameter"),
+    ("empty-messages", "/v1/chat/completions", {"messages": []}, 400, "messages", None),
+    ("messages-wrong-type", "/v1/chat/completions", {"messages": "hi"}, 400, "messages", "invalid_type"),
+    ("bad-role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages", None),
+    ("max-tokens-zero", "/v1/chat/completions", {"messages": MSG, "max_tokens": 0}, 400, "max_tokens", None),
+    ("max-tokens-negative", "/v1/completions", {"prompt": "x", "max_tokens": -5}, 400, "max_tokens", None),
+    ("max-tokens-string", "/v1/chat/completions", {"messages": MSG, "max_tokens": "ten"}, 400, "max_tokens",
+     "invalid_type"),
+    ("n-too-large", "/v1/chat/completions", {"messages": MSG, "n": 1000}, 400, "n", None),
+    ("temperature-negative", "/v1/chat/completions", {"messages": MSG, "temperature": -1}, 400, "temperature", None),
+    ("top-k-zero", "/v1/completions", {"prompt": "x", "top_k": 0}, 400, "top_k", None),
+    ("beyond-context", "/v1/chat/completions", {"messages": MSG, "max_tokens": 9000}, 400, "messages",
+     "context_length_exceeded"),
+    ("beyond-context-stream", "/v1/completions", {"prompt": "x", "max_tokens": 9000, "stream": True}, 400, "prompt",
+     "context_length_exceeded"),
+    ("unknown-model", "/v1/chat/completions", {"messages": MSG, "model": "gpt-4o"}, 404, "model", "model_not_found"),
+    ("unsupported-field", "/v1/chat/completions", {"messages": MSG, "tools": []}, 400, "tools",
+     "unsupported_parameter"),
+    ("unsupported-suffix", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix", "unsupported_parameter"),
+    ("empty-prompt", "/v1/completions", {"prompt": []}, 400, "prompt", None),
+    ("token-out-of-range", "/v1/completions", {"prompt": [1, 10 ** 9]}, 400, "prompt", None),
+    ("empty-stop", "/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop", None),
+    ("top-logprobs-alone", "/v1/chat/completions", {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs", None),
+    ("generate-no-input", "/generate", {"sampling_params": {"max_new_tokens": 2}}, 400, "text", None),
+    ("unknown-path", "/v1/nope", {}, 404, None, None),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param,code", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_input(base_url: str, path: str, body, status: int, param: str | None, code: str | None) -> None:
+    got, data = request(base_url, "POST", path, body)
+    assert got == status, data
+    err = json.loads(data)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["param"] == param
+    if code:
+        assert err["code"] == code
+    if "beyond-context" in path or code == "context_length_exceeded":
+        assert "8192" in err["message"] and "9000" in err["message"]
+
+
+def test_serves_after_bad_input(client: openai.OpenAI, model: str, base_url: str) -> None:
+    r = client.chat.completions.create(model=model, messages=MSG, max_tokens=2, temperature=0)
+    assert r.usage.completion_tokens >= 1
+    info = wait_idle(base_url)
+    assert info["kv_used_tokens"] == 0
+
+
+# ---- disconnects and aborts --------------------------------------------------------------------------
+def test_disconnect_aborts_and_frees_kv(base_url: str) -> None:
+    before = live(base_url)["generation_tokens_total"]
+    u = urlparse(base_url)
+    body = json.dumps({"prompt": "Tell me a very long story.", "max_tokens": 2000, "stream": True,
+                       "ignore_eos": True}).encode()
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    events = sse_events(resp)
+    for _ in range(3):
+        next(events)
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+    # A non-streamed request whose client gives up is aborted too.
+    body = json.dumps({"prompt": "Tell me another long story.", "max_tokens": 2000, "ignore_eos": True}).encode()
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=1.5)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    with pytest.raises(TimeoutError):
+        conn.getresponse()
+    conn.close()
+
+    info = wait_idle(base_url)
+    assert info["num_running_reqs"] == 0 and info["num_queue_reqs"] == 0
+    assert info["kv_used_tokens"] == 0
+    assert info["generation_tokens_total"] - before < 1000  # neither ran to its 2000 tokens
+    assert request(base_url, "POST", "/flush_cache")[0] == 200
+    info = live(base_url)
+    assert info["kv_free_tokens"] == info["kv_capacity_tokens"]
+
+
+def test_abort_request_ends_stream(base_url: str) -> None:
+    u = urlparse(base_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request("POST", "/generate", json.dumps({"text": "Tell me a story.", "stream": True, "rid": "abort-me",
+                                                  "sampling_params": {"max_new_tokens": 2000, "ignore_eos": True}}),
+                 {"Content-Type": "application/json"})
+    events = sse_events(conn.getresponse())
+    next(events)
+    assert request(base_url, "POST", "/abort_request", {"rid": "abort-me"})[0] == 200
+    last = list(events)[-1]
+    conn.close()
+    assert last["meta_info"]["finish_reason"]["type"] == "abort"
+    assert last["meta_info"]["completion_tokens"] < 2000
+
+
+# ---- native API --------------------------------------------------------------------------------------
+def test_native_generate(base_url: str) -> None:
+    sp = {"max_new_tokens": 8, "temperature": 0}
+    status, data = request(base_url, "POST", "/generate", {"text": PROMPT, "sampling_params": sp,
+                                                           "return_logprob": True, "top_logprobs_num": 2})
+    assert status == 200, data
+    out = json.loads(data)
+    meta = out["meta_info"]
+    assert {"prompt_tokens", "completion_tokens", "cached_tokens", "finish_reason", "e2e_latency"} <= set(meta)
+    assert meta["completion_tokens"] == len(out["output_ids"]) == len(meta["output_token_logprobs"]) == 8
+    assert meta["finish_reason"] == {"type": "length", "length": 8}
+    assert all(len(row) == 2 for row in meta["output_top_logprobs"])
+
+    by_ids = json.loads(request(base_url, "POST", "/generate", {"input_ids": [504, 3575, 282], "sampling_params": sp})[1])
+    assert by_ids["meta_info"]["prompt_tokens"] == 3
+
+    u = urlparse(base_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+    conn.request("POST", "/generate", json.dumps({"text": PROMPT, "sampling_params": sp, "stream": True}),
+                 {"Content-Type": "application/json"})
+    events = list(sse_events(conn.getresponse()))
+    conn.close()
+    assert events[-1]["text"] == out["text"] and events[-1]["output_ids"] == out["output_ids"]
+
+    batch = json.loads(request(base_url, "POST", "/generate", {"text": [PROMPT, "Hello"], "sampling_params": sp})[1])
+    assert isinstance(batch, list) and batch[0]["text"] == out["text"]
+
+
+def test_health_and_info(base_url: str) -> None:
+    assert request(base_url, "GET", "/health")[0] == 200
+    assert request(base_url, "GET", "/health_generate")[0] == 200
+    info = get_json(base_url, "/get_model_info")
+    assert info["is_generation"] and info["model_path"].endswith(".gguf")
+    server = get_json(base_url, "/get_server_info")
+    assert server["max_total_tokens"] == 16384 and server["max_total_num_tokens"] == 16384
+    assert server["context_len"] == 8192 and "available_gpu_mem" in server
+    state = server["internal_states"][0]
+    assert {"kv_capacity_tokens", "kv_free_tokens", "kv_cached_tokens", "num_running_reqs", "num_queue_reqs"} <= set(state)
+    assert state["kv_capacity_tokens"] == 16384
+
+
+def test_bench_serving(base_url: str, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    m = run_benchmark(BenchArgs(base_url=base_url, num_prompts=4, random_input_len=16, random_output_len=4,
+                                random_range_ratio=1.0, output=str(out), quiet=True))
+    assert m["completed"] == 4 and m["total_output_tokens"] == 16 and m["total_input_tokens"] == 64
+    saved = json.loads(out.read_text())
+    for key in ("request_throughput", "input_throughput", "output_throughput", "mean_ttft_ms", "median_ttft_ms",
+                "p99_ttft_ms", "mean_itl_ms", "median_itl_ms", "p99_itl_ms", "mean_tpot_ms", "median_tpot_ms",
+                "p99_tpot_ms", "mean_e2e_latency_ms", "median_e2e_latency_ms", "p99_e2e_latency_ms", "duration"):
+        assert isinstance(saved[key], float), key
+
+
+# ---- --api-key, shutdown, a dying child --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def secured():
+    with launch_server("--api-key", API_KEY) as s:
+        yield s
+
+
+def test_api_key(secured: Server) -> None:
+    url = secured.base_url
+    status, data = request(url, "GET", "/v1/models")
+    assert status == 401 and json.loads(data)["error"]["code"] == "invalid_api_key"
+    assert request(url, "GET", "/get_server_info", headers={"Authorization": "Bearer wrong"})[0] == 401
+    assert request(url, "GET", "/health")[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    r = ok.chat.completions.create(model=ok.models.list().data[0].id, messages=MSG, max_tokens=2, temperature=0)
+    assert r.choices[0].message.content is not None
+
+
+def test_sigterm_stops_every_child(secured: Server) -> None:
+    children = descendants(secured.proc.pid)
+    assert len(children) >= 2  # scheduler and detokenizer (and multiprocessing's resource tracker)
+    start = time.monotonic()
+    assert secured.stop(signal.SIGTERM) == 0  # stop() also waits for every child to be gone
+    assert time.monotonic() - start < 10
+    assert secured.children == children
+    assert "Received SIGTERM; shutting down" in secured.log()
+
+
+def test_dead_child_stops_server_with_clear_error() -> None:
+    server = start_server("--model", "/nonexistent/model.gguf")
+    children: set[int] = set()
+    deadline = time.monotonic() + 120
+    while server.proc.poll() is None and time.monotonic() < deadline:
+        children |= descendants(server.proc.pid)
+        time.sleep(0.2)
+    code = server.proc.wait(5)
+    server.children = children
+    server.wait_children_gone()
+    log = server.log()
+    assert code == 1
+    assert "The scheduler process" in log and "died unexpectedly" in log and "/nonexistent/model.gguf" in log
+
+
+def test_stream_ends_cleanly_when_a_child_dies_mid_request() -> None:
+    """Kill the scheduler while a stream is open: the client gets an error event and the end of the stream,
+    the server exits with code 1 naming the scheduler, and no child is left behind."""
+    with launch_server() as server:
+        u = urlparse(server.base_url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"prompt": "Tell me a story.", "max_tokens": 2000,
+                                                             "stream": True, "ignore_eos": True}),
+                     {"Content-Type": "application/json"})
+        events = sse_events(conn.getresponse())
+        next(events)
+        server.children = descendants(server.proc.pid)
+        scheduler = min(p for p in server.children if "radixserve" in open(f"/proc/{p}/cmdline").read() or True)
+        rest: list[dict] = []
+        t = threading.Thread(target=lambda: rest.extend(events))
+        t.start()
+        import os
+        os.kill(scheduler, signal.SIGKILL)
+        t.join(30)
+        conn.close()
+        assert server.proc.wait(15) == 1
+        server.wait_children_gone()
+        assert rest and "error" in rest[-1]
+        assert "died unexpectedly" in server.log()
