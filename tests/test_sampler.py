@@ -1,6 +1,6 @@
 """Sampler behaviour: filters, seeded reproducibility, distribution, greedy, penalties, logprobs.
 
-Expected values are computed independently here (float64 numpy-style reference code, per-request loops);
+Expected values are computed independently here (plain float64 loops, per-request reference code);
 every sampled check uses fixed seeds, so the statistical bounds are deterministic, not flaky.
 """
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import threading
@@ -143,7 +144,7 @@ def test_stop_string_cuts_exactly(client: openai.OpenAI, model: str, greedy_comp
     k = len(full) // 2
     stop = full[k:k + 3]  # usually spans a token boundary
     expected = full[:full.index(stop)]
-    kw = dict(model=model, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop, "never-matches"])
+    kw = {"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": [stop, "never-matches"]}
     r = client.completions.create(**kw)
     assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
@@ -151,15 +152,14 @@ def test_stop_string_cuts_exactly(client: openai.OpenAI, model: str, greedy_comp
 
 
 def test_n2_with_seed_is_reproducible(client: openai.OpenAI, model: str) -> None:
-    kw = dict(model=model, messages=[{"role": "user", "content": "Write a one-line poem about the sea."}], n=2,
-              max_tokens=12, temperature=1.0, seed=1234)
+    kw = {"model": model, "messages": [{"role": "user", "content": "Write a one-line poem about the sea."}],
+          "n": 2, "max_tokens": 12, "temperature": 1.0, "seed": 1234}
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
     texts = [c.message.content for c in a.choices]
     assert [c.index for c in a.choices] == [0, 1]
     assert texts == [c.message.content for c in b.choices]
     assert texts[0] != texts[1]
-    assert a.usage.completion_tokens == sum(len(c.logprobs.content) if c.logprobs else 0 for c in a.choices) or \
-        a.usage.completion_tokens <= 24
+    assert 2 <= a.usage.completion_tokens <= 24
 
 
 def test_concurrent_requests_equal_alone(client: openai.OpenAI, model: str, base_url: str) -> None:
@@ -385,12 +385,10 @@ def test_stream_ends_cleanly_when_a_child_dies_mid_request() -> None:
         events = sse_events(conn.getresponse())
         next(events)
         server.children = descendants(server.proc.pid)
-        scheduler = min(p for p in server.children if "radixserve" in open(f"/proc/{p}/cmdline").read() or True)
         rest: list[dict] = []
         t = threading.Thread(target=lambda: rest.extend(events))
         t.start()
-        import os
-        os.kill(scheduler, signal.SIGKILL)
+        os.kill(get_json(server.base_url, "/get_server_info")["pids"]["scheduler"], signal.SIGKILL)
         t.join(30)
         conn.close()
         assert server.proc.wait(15) == 1

@@ -121,14 +121,13 @@ class Sampler:
         if not any(p.logprobs or p.top_logprobs > 0 for p in ps):
             return SampleOutput(next_ids, None, None)
         # Logprobs describe the raw model distribution (OpenAI/vLLM convention), not the filtered one.
-        raw = logits
-        lse = torch.logsumexp(raw, dim=-1)
-        logprobs = raw.gather(1, next_ids[:, None]).squeeze(1) - lse
+        lse = torch.logsumexp(logits, dim=-1)
+        logprobs = logits.gather(1, next_ids[:, None]).squeeze(1) - lse
         top: list[list[tuple[int, float]]] = [[] for _ in reqs]
         top_rows = [i for i, p in enumerate(ps) if p.top_logprobs > 0]
         if top_rows:
             idx = torch.tensor(top_rows, device=dev)
-            vals, ids = raw[idx].topk(max(ps[i].top_logprobs for i in top_rows), dim=-1)
+            vals, ids = logits[idx].topk(max(ps[i].top_logprobs for i in top_rows), dim=-1)
             vals, ids = (vals - lse[idx, None]).tolist(), ids.tolist()
             for j, i in enumerate(top_rows):
                 top[i] = list(zip(ids[j][: ps[i].top_logprobs], vals[j][: ps[i].top_logprobs]))
@@ -166,9 +165,9 @@ class Sampler:
         if drows:  # no top-k/top-p: every token is a candidate, noise over the whole vocab
             d = torch.tensor(drows, device=dev)
             pd = probs if len(drows) == len(reqs) else probs[d]
-            min_p = col([ps[j].min_p for j in drows])
-            if (min_p > 0).any():
-                pd = pd.masked_fill(pd < min_p * pd.amax(dim=-1, keepdim=True), 0.0)
+            if any(ps[j].min_p > 0 for j in drows):
+                thr = col([ps[j].min_p for j in drows]) * pd.amax(dim=-1, keepdim=True)
+                pd = pd.masked_fill(pd < thr, 0.0)
             out[d] = (self._log_u(keys[d], self._tok_hash) / pd).argmax(dim=-1)
         if srows:  # top-k/top-p: only a sorted prefix can survive, so noise only for that prefix
             s = torch.tensor(srows, device=dev)
@@ -193,9 +192,8 @@ class Sampler:
         vals, ids = probs.sort(dim=-1, descending=True) if width == vocab else probs.topk(width, dim=-1)
         rank = torch.arange(width, device=probs.device)[None]
         vals = vals.masked_fill(rank >= k, 0.0)
-        mass = vals.sum(dim=-1, keepdim=True)  # the top-k mass top-p is relative to; whole row when k is off
-        if (k == vocab).any():
-            mass = torch.where(k < vocab, mass, probs.sum(dim=-1, keepdim=True))
+        # The mass top-p is relative to: the top-k tokens', or the whole row's when top-k is off.
+        mass = torch.where(k < vocab, vals.sum(dim=-1, keepdim=True), probs.sum(dim=-1, keepdim=True))
         cum = vals.cumsum(dim=-1)
         # cum - vals is the mass ranked above a token; it is 0 < top_p for the top token, which always stays.
         keep = (cum - vals < top_p * mass) | (top_p >= 1)

@@ -166,9 +166,9 @@ class ApiKeyMiddleware:
 
 # ---- the application -----------------------------------------------------------------------------------
 class Api:
-    def __init__(self, tm: TokenizerManager, args: ServerArgs) -> None:
+    def __init__(self, tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> None:
         assert tm.ready is not None
-        self.tm, self.args, self.info = tm, args, tm.ready.info
+        self.tm, self.args, self.info, self.pids = tm, args, tm.ready.info, pids
         self.tokenizer = tm.tokenizer
         self.model_name = tm.ready.model_name
         self.model_names = {n for n in (self.model_name, args.served_model_name, args.model) if n}
@@ -440,7 +440,7 @@ class Api:
     async def server_info(self) -> dict:
         live = await self.tm.get_info()
         return {**dataclasses.asdict(self.args), **self.info, "served_model_name": self.model_name,
-                "version": _version(), "internal_states": [live]}
+                "version": _version(), "pids": self.pids, "internal_states": [live]}
 
 
 async def _chain(first: list[tuple[int, StrOut]], gen: Gen) -> Gen:
@@ -457,8 +457,10 @@ def _version() -> str:
         return "0.0.0"
 
 
-def create_app(tm: TokenizerManager, args: ServerArgs) -> FastAPI:
-    api = Api(tm, args)
+def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> FastAPI:
+    """`pids`: the server's processes by role, reported by /get_server_info (operators and tests find the
+    scheduler there)."""
+    api = Api(tm, args, pids)
     app = FastAPI(title="radixserve", version=_version())
     if args.api_key:
         app.add_middleware(ApiKeyMiddleware, api_key=args.api_key)

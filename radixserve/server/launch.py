@@ -137,7 +137,8 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
             ready.cancel()
             return 1 if failures else 0
         recv = asyncio.ensure_future(tm.recv_loop())
-        config = uvicorn.Config(create_app(tm, args), log_config=None, log_level="warning", access_log=False,
+        pids = {"api_server": os.getpid(), **{name: p.pid for name, p in procs.items()}}
+        config = uvicorn.Config(create_app(tm, args, pids), log_config=None, log_level="warning", access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=TIMEOUT_GRACEFUL_S)
         server.append(_Server(config))
         serving = asyncio.ensure_future(server[0].serve(sockets=[sock]))
