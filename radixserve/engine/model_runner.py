@@ -65,8 +65,16 @@ class ModelRunner:
                               self.cfg.head_dim, self.dtype, self.device)
         self.max_running_requests = args.max_running_requests or min(
             4096 if self.device.type == "cuda" else 256, max(self.memory.max_total_num_tokens // 8, 1))
-        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests + 1, self.context_len + 1, self.device)
+        self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len + 1, self.device)
         self.attn = make_backend(args.attention_backend)
+        self.graphs = None
+        self.used_graph = False  # whether the last forward replayed a CUDA graph (for the decode log line)
+        if self.device.type == "cuda" and not args.disable_cuda_graph:
+            if args.attention_backend != "triton":
+                raise ValueError("CUDA graphs need --attention-backend triton; or pass --disable-cuda-graph")
+            from radixserve.engine.cuda_graph import CudaGraphRunner
+            max_bs = min(args.cuda_graph_max_bs or 256, self.max_running_requests)
+            self.graphs = CudaGraphRunner(self, max_bs)
 
     def _plan_memory(self) -> MemoryPlan:
         a, ps = self.args, self.args.page_size
@@ -98,6 +106,10 @@ class ModelRunner:
         """Run one step for `reqs`: each computes `req.extend_len` tokens starting at `req.kv_len`,
         whose slots the scheduler already wrote into req_to_token. Returns logits [B, vocab]."""
         fb = self.prepare(reqs, is_decode)
+        self.used_graph = bool(is_decode and self.graphs is not None and self.graphs.can_run(len(reqs)))
+        if self.used_graph:
+            return self.graphs.replay(fb)
+        self.attn.init_forward_metadata(fb)
         return self.model(fb)
 
     def prepare(self, reqs: list[Req], is_decode: bool) -> ForwardBatch:
@@ -120,5 +132,4 @@ class ModelRunner:
             logits_idx=(torch.cumsum(extend, 0) - 1).to(dev), max_seq_len=int(seq.max()),
             max_extend_len=int(extend.max()), kv_pool=self.kv_pool,
             req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)
-        self.attn.init_forward_metadata(fb)
         return fb

@@ -27,11 +27,14 @@ class KVPool:
 
 
 class ReqToTokenPool:
-    """`req_to_token[row, pos]` = slot holding position `pos` of the request in `row`."""
+    """`req_to_token[row, pos]` = slot holding position `pos` of the request in `row`.
+
+    Row 0 is never handed out: it stays all zeros (the padding page), the row that padded batch
+    entries (CUDA graphs) point to."""
 
     def __init__(self, max_requests: int, context_len: int, device: torch.device | str) -> None:
-        self.req_to_token = torch.zeros((max_requests, context_len), dtype=torch.int64, device=device)
-        self.free_rows: list[int] = list(range(max_requests - 1, -1, -1))
+        self.req_to_token = torch.zeros((max_requests + 1, context_len), dtype=torch.int64, device=device)
+        self.free_rows: list[int] = list(range(max_requests, 0, -1))
 
     def alloc(self) -> int:
         if not self.free_rows:

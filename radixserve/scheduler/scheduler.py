@@ -116,7 +116,7 @@ class Scheduler:
             return []
         batch = self._schedule_decode()
         logits = self.runner.forward(batch, is_decode=True)
-        self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=False)
+        self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=self.runner.used_graph)
         return self._process(batch, logits, is_decode=True)
 
     def _schedule_prefill(self) -> list[Req]:
