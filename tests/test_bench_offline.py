@@ -28,7 +28,8 @@ def test_workloads() -> None:
                   "--random-output-len", "10", "--random-range-ratio", "0.5"])
     work = make_workload(b, vocab, seed=0)
     assert work == make_workload(b, vocab, seed=0) != make_workload(b, vocab, seed=1)  # seeded
-    assert len(work) == 20 and all(25 <= len(p) <= 50 and 5 <= o <= 10 and set(p) <= set(vocab) for p, o in work)
+    assert len(work) == 20
+    assert all(25 <= len(p) <= 50 and 5 <= o <= 10 and set(p) <= set(vocab) for p, o in work)
     assert len({len(p) for p, _ in work}) > 1
 
     _, b = parse(["--device", "cpu", "--workload", "minisgl"])
@@ -52,12 +53,15 @@ def test_end_to_end_json(tmp_path) -> None:
     returned = main(argv)
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))
-    for key in ("timestamp", "device", "git_commit", "command", "model", "server_args", "workload", "results"):
+    for key in ("timestamp", "device", "git_commit", "command", "model", "server_args", "workload",
+                "results"):
         assert report[key] not in (None, ""), key
-    assert report["command"].startswith("python -m radixserve.bench.offline ") and "--num-prompts 4" in report["command"]
+    assert report["command"].startswith("python -m radixserve.bench.offline ")
+    assert "--num-prompts 4" in report["command"]
     assert report["server_args"]["max_total_tokens"] == 4096 and report["server_args"]["model"] is None
     w = report["workload"]
-    assert (w["workload"], w["num_prompts"], w["random_input_len"], w["random_output_len"]) == ("random", 4, 16, 8)
+    assert (w["workload"], w["num_prompts"], w["random_input_len"], w["random_output_len"]) == \
+        ("random", 4, 16, 8)
     r = report["results"]
     assert r["num_requests"] == 4 and r["input_tokens"] == 4 * 16 and r["output_tokens"] == 4 * 8
     assert r["duration_s"] > 0

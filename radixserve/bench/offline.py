@@ -1,7 +1,8 @@
 """Offline throughput: the in-process Engine runs a synthetic workload to completion, no HTTP.
 
     python -m radixserve.bench.offline [server flags...] --num-prompts N --random-input-len L \
-        --random-output-len O --random-range-ratio R [--workload random|minisgl|shared-prefix] [--output out.json]
+        --random-output-len O --random-range-ratio R [--workload random|minisgl|shared-prefix] \
+        [--output out.json] [--seed S]
 
 Workloads (token ids drawn from the vocab minus special ids, seeded by --seed; greedy; ignore_eos so
 every output reaches its length):
@@ -30,7 +31,8 @@ from radixserve.args import ServerArgs, make_parser
 from radixserve.core import Req, SamplingParams
 from radixserve.engine.engine import Engine
 
-BENCH_FLAGS = ("workload", "num_prompts", "random_input_len", "random_output_len", "random_range_ratio", "output")
+BENCH_FLAGS = ("workload", "num_prompts", "random_input_len", "random_output_len", "random_range_ratio",
+               "output")
 SHARED_GROUPS, SHARED_SUFFIX = 8, 32
 
 
@@ -41,7 +43,8 @@ def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
     g.add_argument("--workload", choices=["random", "minisgl", "shared-prefix"], default="random")
     g.add_argument("--num-prompts", type=int, default=None, help="Requests (default: 32; minisgl 256; "
                    "shared-prefix 128).")
-    g.add_argument("--random-input-len", type=int, default=256, help="Prompt length (shared-prefix: the prefix).")
+    g.add_argument("--random-input-len", type=int, default=256,
+                   help="Prompt length (shared-prefix: the shared prefix's).")
     g.add_argument("--random-output-len", type=int, default=64)
     g.add_argument("--random-range-ratio", type=float, default=1.0, help="Lengths uniform in [len*R, len].")
     g.add_argument("--output", default=None, help="Write the results as JSON here.")
@@ -57,14 +60,15 @@ def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
 def make_workload(b: argparse.Namespace, vocab: list[int], seed: int) -> list[tuple[list[int], int]]:
     """(prompt ids, output length) per request."""
     rng = random.Random(seed)
-    ids = lambda n: rng.choices(vocab, k=n)  # noqa: E731
-    span = lambda n: rng.randint(max(int(n * b.random_range_ratio), 1), n)  # noqa: E731
+    ids = lambda n: rng.choices(vocab, k=n)
+    span = lambda n: rng.randint(max(int(n * b.random_range_ratio), 1), n)
     if b.workload == "minisgl":
         return [(ids(rng.randint(100, 1024)), rng.randint(100, 1024)) for _ in range(b.num_prompts or 256)]
     if b.workload == "shared-prefix":
         per_group = max((b.num_prompts or SHARED_GROUPS * 16) // SHARED_GROUPS, 1)
         prefixes = [ids(b.random_input_len) for _ in range(SHARED_GROUPS)]
-        return [(p + ids(SHARED_SUFFIX), span(b.random_output_len)) for p in prefixes for _ in range(per_group)]
+        return [(p + ids(SHARED_SUFFIX), span(b.random_output_len))
+                for p in prefixes for _ in range(per_group)]
     return [(ids(span(b.random_input_len)), span(b.random_output_len)) for _ in range(b.num_prompts or 32)]
 
 
@@ -109,10 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     dur = time.perf_counter() - t0
 
     n_in, n_out = sum(len(r.origin_input_ids) for r in reqs), sum(len(r.output_ids) for r in reqs)
-    res = dict(num_requests=len(reqs), input_tokens=n_in, output_tokens=n_out,
-               cached_tokens=sched.stats.cached_tokens_total - cached0, duration_s=dur,
-               request_throughput=len(reqs) / dur, input_throughput=n_in / dur, output_throughput=n_out / dur,
-               total_throughput=(n_in + n_out) / dur)
+    res = {"num_requests": len(reqs), "input_tokens": n_in, "output_tokens": n_out,
+           "cached_tokens": sched.stats.cached_tokens_total - cached0, "duration_s": dur,
+           "request_throughput": len(reqs) / dur, "input_throughput": n_in / dur,
+           "output_throughput": n_out / dur, "total_throughput": (n_in + n_out) / dur}
     print("\n====== Offline Throughput Benchmark Result =======")
     for label, key in [("Workload", None), ("Successful requests", "num_requests"),
                        ("Benchmark duration (s)", "duration_s"), ("Total input tokens", "input_tokens"),
@@ -125,11 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{label + ':':<41}{val:.2f}" if isinstance(val, float) else f"{label + ':':<41}{val}")
     print("=" * 50)
 
-    report = dict(timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  device=device_name(str(engine.runner.device)), git_commit=git_commit(),
-                  command=shlex.join(["python", "-m", "radixserve.bench.offline", *argv]),
-                  model=engine.model_name, server_args=dataclasses.asdict(args),
-                  workload=dict(vars(b), num_requests=len(work), seed=args.seed), results=res)
+    report = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": device_name(str(engine.runner.device)), "git_commit": git_commit(),
+              "command": shlex.join(["python", "-m", "radixserve.bench.offline", *argv]),
+              "model": engine.model_name, "server_args": dataclasses.asdict(args),
+              "workload": dict(vars(b), num_requests=len(work), seed=args.seed), "results": res}
     if b.output:
         with open(b.output, "w") as f:
             json.dump(report, f, indent=2)

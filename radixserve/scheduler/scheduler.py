@@ -34,7 +34,10 @@ class Scheduler:
     def __init__(self, args: ServerArgs, runner: ModelRunner, tokenizer: Any = None) -> None:
         self.args, self.runner, self.tokenizer = args, runner, tokenizer
         self.page_size = args.page_size
-        self.allocator = PageAllocator(runner.kv_pool.num_slots // args.page_size, args.page_size, runner.device)
+        slots = runner.kv_pool.num_slots
+        if args.max_total_tokens:  # a scheduler may use less of the pool than the runner allocated (tests)
+            slots = min(slots, args.max_total_tokens + args.page_size)
+        self.allocator = PageAllocator(slots // args.page_size, args.page_size, runner.device)
         self.cache = (NaiveCache if args.disable_radix_cache else RadixCache)(self.allocator, args.page_size)
         self.req_to_token = runner.req_to_token_pool
         self.sampler = Sampler(runner.cfg.vocab_size, runner.device)
@@ -51,7 +54,8 @@ class Scheduler:
         self.new_token_ratio = self.init_ratio
         self.stats = SchedulerStats(self.allocator.capacity_tokens, args.decode_log_interval)
         self.rng = random.Random(args.seed)
-        self.max_running = runner.max_running_requests
+        self.max_running = min(args.max_running_requests or runner.max_running_requests,
+                               runner.max_running_requests)
 
     # ---- requests in and out ----------------------------------------------------------------
     def validate(self, prompt_len: int, max_new_tokens: int) -> None:

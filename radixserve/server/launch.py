@@ -37,6 +37,7 @@ from radixserve.server.messages import Addresses
 from radixserve.server.procs import setup_logging
 from radixserve.server.scheduler_process import run_scheduler
 from radixserve.server.tokenizer_manager import TokenizerManager
+from radixserve.weights.loader import resolve_model
 
 logger = logging.getLogger("radixserve.server")
 TIMEOUT_GRACEFUL_S = 2
@@ -61,9 +62,15 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def launch_server(args: ServerArgs) -> None:
+    """Run the server until SIGINT/SIGTERM (exit code 0) or a child's death (exit code 1). Mistakes that
+    can be seen before loading anything (a missing model, a port in use) fail at once."""
     setup_logging(args.log_level)
     try:
+        resolve_model(args.model)
         sock = bind_socket(args.host, args.port)
+    except FileNotFoundError as e:
+        logger.error(str(e))
+        sys.exit(1)
     except OSError as e:
         logger.error(f"Cannot listen on {args.host}:{args.port}: {e.strerror}. Pick another --port.")
         sys.exit(1)

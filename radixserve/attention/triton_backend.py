@@ -1,0 +1,137 @@
+"""Triton attention backend: flash-decoding for decode batches, causal flash-attention for extend.
+
+Same interface and semantics as TorchAttentionBackend (the oracle its GPU tests compare against);
+the kernels live in radixserve/kernels/attention.py. On a device Triton cannot drive (CPU without
+TRITON_INTERPRET=1, or triton not installed) every call is delegated to the torch backend, so
+`--attention-backend triton` never breaks a CPU run.
+
+Decode and CUDA graphs
+----------------------
+A decode step does no host work that depends on data: `init_forward_metadata` only records the
+launch shape (batch size -> NUM_SPLITS, a pure function of shapes), and `forward` passes
+fb.req_rows, fb.seq_lens and fb.req_to_token straight to the kernels, which read lengths and
+slots on the device. The split scratch (fp32 partial outputs and log-sum-exps) is owned by the
+backend and reused by every layer and every step. So a graph captured for batch size `bs` replays
+correctly for new lengths as long as the static tensors it captured are refreshed in place.
+
+What the CUDA graph runner must do:
+  1. Once, before capturing: `backend.reserve_decode(max_bs, num_heads, num_kv_heads, head_dim,
+     device)` (per-rank head counts) so the scratch never grows during or after capture. (Growth
+     is still safe, since retired buffers are kept alive for graphs that point at them, but it
+     wastes memory.)
+  2. Per captured `bs`: build a static decode ForwardBatch (is_decode=True) whose input_ids,
+     positions, out_slots, req_rows, seq_lens (int64, [bs]) and logits_idx (arange(bs)) are static
+     device tensors; prefix_lens/extend_lens may be static too (decode never reads them).
+     Call `backend.init_forward_metadata(fb)` once, warm up, then capture `model(fb)`.
+  3. Per replay: copy the real batch into the first B entries of input_ids, positions, out_slots,
+     req_rows and seq_lens, and fill the padding entries [B:bs] with input_ids=0, positions=0,
+     out_slots=0 (the padding slot), req_rows=any valid row (e.g. 0) and seq_lens=1 (0 also
+     works: that row then outputs zeros). Nothing else: no metadata rebuild, no host reads.
+
+Extend
+------
+`init_forward_metadata` builds, on the device, the flat query-block table (one entry per
+(request, BLOCK_M query block), its length cdiv(T, BLOCK_M) + B known from shapes) and each
+request's first row in the packed q; fb.max_extend_len (a host int) only picks the block config.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from radixserve.attention.torch_backend import TorchAttentionBackend
+from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.layers.attention import Attention
+
+try:
+    from radixserve.kernels import attention as K
+except ImportError:  # no triton: the torch backend serves every call
+    K = None
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TritonDecodeMeta:
+    batch_size: int  # the launch shape; lengths and slots are read from fb tensors on the device
+
+
+@dataclass
+class TritonExtendMeta:
+    block_req: torch.Tensor  # [cdiv(T, BLOCK_M) + B] int32 request of each flat query block (-1: none)
+    block_idx: torch.Tensor  # [same] int32 query block within its request
+    q_starts: torch.Tensor  # [B] int32 first row of each request in the packed q
+    config: dict  # BLOCK_M / BLOCK_N / num_warps / num_stages
+
+
+def triton_usable(device: torch.device) -> bool:
+    return K is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+class TritonAttentionBackend:
+    """See the module docstring for the CUDA-graph contract."""
+
+    def __init__(self) -> None:
+        self._torch = TorchAttentionBackend()
+        self._mid_o: torch.Tensor | None = None
+        self._mid_lse: torch.Tensor | None = None
+        self._retired: list[torch.Tensor] = []  # old scratch that a captured graph may still use
+        self._warned = False
+
+    # -- scratch ---------------------------------------------------------------------------------
+
+    def reserve_decode(self, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                       device: torch.device | str) -> None:
+        """Allocate the split scratch for every decode batch size <= max_batch (call before capture)."""
+        n_o, n_lse = K.decode_scratch_numel(max_batch, num_heads, num_kv_heads, head_dim, device)
+        self._ensure_scratch(n_o, n_lse, torch.device(device))
+
+    def _ensure_scratch(self, n_o: int, n_lse: int, device: torch.device) -> None:
+        if self._mid_o is not None and self._mid_o.numel() >= n_o and self._mid_lse.numel() >= n_lse \
+                and self._mid_o.device == device:
+            return
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            logger.warning("attention scratch grows during CUDA graph capture; call reserve_decode() first")
+        if self._mid_o is not None:
+            self._retired += [self._mid_o, self._mid_lse]
+            n_o, n_lse = max(n_o, self._mid_o.numel()), max(n_lse, self._mid_lse.numel())
+        self._mid_o = torch.empty(n_o, dtype=torch.float32, device=device)
+        self._mid_lse = torch.empty(n_lse, dtype=torch.float32, device=device)
+
+    # -- interface -------------------------------------------------------------------------------
+
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
+        if not triton_usable(fb.input_ids.device):
+            if not self._warned:
+                logger.warning("triton attention unavailable on %s: using the torch backend", fb.input_ids.device)
+                self._warned = True
+            self._torch.init_forward_metadata(fb)
+            return
+        if fb.is_decode:
+            fb.attn_meta = TritonDecodeMeta(fb.batch_size)
+            return
+        head_dim = fb.kv_pool.k[0].shape[-1]
+        cfg = K.extend_config(head_dim, fb.max_extend_len)
+        block_req, block_idx, q_starts = K.extend_block_table(fb.extend_lens, fb.input_ids.numel(), cfg["BLOCK_M"])
+        fb.attn_meta = TritonExtendMeta(block_req, block_idx, q_starts, cfg)
+
+    def forward(self, q: torch.Tensor, layer: Attention, fb: ForwardBatch) -> torch.Tensor:
+        meta = fb.attn_meta
+        if not isinstance(meta, (TritonDecodeMeta, TritonExtendMeta)):
+            return self._torch.forward(q, layer, fb)
+        k_buf, v_buf = fb.kv_pool.k[layer.layer_id], fb.kv_pool.v[layer.layer_id]
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        if isinstance(meta, TritonDecodeMeta):
+            B, H, D = q.shape
+            splits = K.decode_num_splits(B, layer.num_kv_heads, q.device)
+            if splits > 1:
+                self._ensure_scratch(B * H * splits * D, B * H * splits, q.device)
+            return K.decode_attention(q, k_buf, v_buf, fb.req_to_token, fb.req_rows, fb.seq_lens, layer.scale,
+                                      layer.sliding_window, splits, self._mid_o, self._mid_lse)
+        return K.extend_attention(q, k_buf, v_buf, fb.req_to_token, fb.req_rows, fb.prefix_lens, fb.extend_lens,
+                                  layer.scale, layer.sliding_window,
+                                  (meta.block_req, meta.block_idx, meta.q_starts), meta.config)

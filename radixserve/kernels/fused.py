@@ -1,0 +1,258 @@
+"""Fused elementwise kernels for the layers around attention, each with a torch twin.
+
+Every function here has the semantics of the layer it replaces, rounding steps included:
+    rmsnorm       layers/norm.py RMSNorm.forward (residual add in the input dtype, norm in fp32,
+                  cast back, then the weight multiply in the promoted dtype, as HF does)
+    silu_and_mul  layers/activation.py (silu rounded to the input dtype, then the multiply)
+    rotary_       layers/rotary.py RotaryEmbedding (rotate-half, fp32 math, cast back), in place
+    rotary_and_store_kv   rotary_ on q plus the KV-pool store of the rotated k and of v in one pass
+
+The Triton path runs for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1, which is how
+the kernels are validated without a GPU); anything else takes the torch reference, so these are
+safe to call on every device. All of them are memory bound: the point of fusing is to read and
+write each byte once (the residual add, the norm and the weight in one pass; rotary over all q and
+k heads of a token in one program, sharing the cos/sin row).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # CPU-only installs: the torch references below serve every call
+    HAS_TRITON = False
+
+
+def _use_triton(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch references (the exact semantics of radixserve/layers/*)
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    out = (weight * xf.to(x.dtype)) if x.dtype != torch.float32 else weight * xf
+    return out if residual is None else (out, x)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
+    """Out of place: returns the rotated (q, k) like RotaryEmbedding.forward."""
+    cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rmsnorm_kernel(X, R, W, Out, ResOut, n_rows, N, stride_x, stride_r, stride_o, stride_ro, eps,
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr):
+        """BLOCK_R whole rows per program: wide rows (hidden 4096) take one program each, narrow
+        ones (per-head q/k norm, D = 128) are batched so each program still moves ~8 KB."""
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+        if HAS_RES:
+            r = tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(X.dtype.element_ty)  # rounded like torch's add
+            tl.store(ResOut + rows[:, None] * stride_ro + cols[None, :], x, mask=mask)
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, 1) / N + eps)
+        normed = (xf * inv[:, None]).to(X.dtype.element_ty)
+        w = tl.load(W + cols, mask=cols < N, other=0.0)
+        out = w.to(tl.float32)[None, :] * normed.to(tl.float32)
+        tl.store(Out + rows[:, None] * stride_o + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_and_mul_kernel(X, Out, N, stride_x, stride_o, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < N
+        g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(X + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(Out.dtype.element_ty)  # F.silu rounds to the dtype first
+        tl.store(Out + row * stride_o + cols, (s.to(tl.float32) * u).to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotate_heads(Src, Dst, src_off, dst_off, stride_src_h, stride_dst_h, n_heads, cos, sin,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """Rotate-half of all heads of one token: [BLOCK_H, HALF] tiles for each half, fp32 math."""
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_r = tl.arange(0, BLOCK_HALF)
+        mask = (offs_h < n_heads)[:, None] & (offs_r < HALF)[None, :]
+        src = Src + src_off + offs_h[:, None] * stride_src_h + offs_r[None, :]
+        x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+        o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(Src.dtype.element_ty)
+        o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(Src.dtype.element_ty)
+        dst = Dst + dst_off + offs_h[:, None] * stride_dst_h + offs_r[None, :]
+        tl.store(dst, o1.to(Dst.dtype.element_ty), mask=mask)
+        tl.store(dst + HALF, o2.to(Dst.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(Positions, CosSin, Q, K, V, KDst, VCache, Slots,
+                       stride_cs, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                       stride_kdt, stride_kdh, stride_vct, stride_vch, n_q_heads, n_k_heads,
+                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                       BLOCK_HK: tl.constexpr, STORE_KV: tl.constexpr):
+        """One program per token: q in place; k in place (STORE_KV=False) or into the cache row
+        Slots[t] together with v (STORE_KV=True)."""
+        t = tl.program_id(0).to(tl.int64)
+        pos = tl.load(Positions + t).to(tl.int64)
+        offs_r = tl.arange(0, BLOCK_HALF)
+        cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=offs_r < HALF, other=0.0)
+        sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=offs_r < HALF, other=0.0)
+        _rotate_heads(Q, Q, t * stride_qt, t * stride_qt, stride_qh, stride_qh, n_q_heads, cos, sin,
+                      HALF, BLOCK_HQ, BLOCK_HALF)
+        if STORE_KV:
+            slot = tl.load(Slots + t).to(tl.int64)
+            _rotate_heads(K, KDst, t * stride_kt, slot * stride_kdt, stride_kh, stride_kdh, n_k_heads,
+                          cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+            offs_h = tl.arange(0, BLOCK_HK)
+            offs_d = tl.arange(0, 2 * BLOCK_HALF)
+            mask = (offs_h < n_k_heads)[:, None] & (offs_d < 2 * HALF)[None, :]
+            v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+            tl.store(VCache + slot * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :],
+                     v.to(VCache.dtype.element_ty), mask=mask)
+        else:
+            _rotate_heads(K, K, t * stride_kt, t * stride_kt, stride_kh, stride_kh, n_k_heads, cos, sin,
+                          HALF, BLOCK_HK, BLOCK_HALF)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+            out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+    """RMSNorm over the last dim. Without `residual`: returns normed(x). With it: returns
+    (normed(x + residual), x + residual) — the drop-in for RMSNorm.forward. Out of place; `out` /
+    `residual_out` (contiguous, x's shape; out in the promoted dtype of weight and x) may be given
+    to reuse buffers — residual_out may alias residual (each row is read before it is written)."""
+    if not _use_triton(x) or (residual is not None and residual.dtype != x.dtype):
+        res = rmsnorm_ref(x, weight, eps, residual)
+        if out is None and residual_out is None:
+            return res
+        normed, new_res = (res, None) if residual is None else res
+        normed = out.copy_(normed) if out is not None else normed
+        if residual is None:
+            return normed
+        return normed, (residual_out.copy_(new_res) if residual_out is not None else new_res)
+    N = x.shape[-1]
+    x2 = x.reshape(-1, N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    if out is None:
+        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    out2 = out.view(-1, N)
+    if residual is not None:
+        r2 = residual.reshape(-1, N)
+        if r2.stride(-1) != 1:
+            r2 = r2.contiguous()
+        res_out = residual_out if residual_out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        ro2 = res_out.view(-1, N)
+    else:
+        r2 = ro2 = res_out = x2  # unused by the kernel
+    if rows:
+        block_n = triton.next_power_of_2(N)
+        block_r = max(1, min(64, 4096 // block_n))
+        tile = block_r * block_n
+        _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
+            x2, r2, weight, out2, ro2, rows, N, x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), eps,
+            BLOCK_R=block_r, BLOCK_N=block_n, HAS_RES=residual is not None,
+            num_warps=4 if tile <= 4096 else (8 if tile <= 8192 else 16))
+    return out if residual is None else (out, res_out)
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(x[..., :N]) * x[..., N:] for x [..., 2N]; returns [..., N] (into `out` if given, contiguous)."""
+    if not _use_triton(x):
+        return silu_and_mul_ref(x) if out is None else out.copy_(silu_and_mul_ref(x))
+    N = x.shape[-1] // 2
+    x2 = x.reshape(-1, 2 * N)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if out is None:
+        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    out2 = out.view(-1, N)
+    if x2.shape[0] and N:
+        block = min(1024, triton.next_power_of_2(N))  # 8 bf16 per thread at 4 warps: 16-byte accesses
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(N, block))](
+            x2, out2, N, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=4)
+    return out
+
+
+def _rotary_launch(positions, q, k, v, cos_sin, k_dst, v_cache, slots, store_kv: bool) -> None:
+    T, HQ, D = q.shape
+    HK = k.shape[1]
+    assert D % 2 == 0 and cos_sin.shape[-1] == D and k.shape[2] == D and k.shape[0] == T
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos_sin.stride(-1) == 1
+    if T == 0:
+        return
+    half = D // 2
+    block_half = triton.next_power_of_2(half)
+    _rotary_kernel[(T,)](
+        positions, cos_sin, q, k, v, k_dst, v_cache, slots, cos_sin.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_dst.stride(0), k_dst.stride(1), v_cache.stride(0), v_cache.stride(1), HQ, HK,
+        HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=triton.next_power_of_2(HQ),
+        BLOCK_HK=triton.next_power_of_2(HK), STORE_KV=store_kv,
+        num_warps=4 if triton.next_power_of_2(HQ) * block_half <= 2048 else 8)
+
+
+def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
+    """Rotate q [T, H, D] and k [T, KVH, D] in place (strided views, e.g. into a fused qkv output,
+    are fine as long as the last dim is contiguous). cos_sin: [max_pos, D] fp32 = cat(cos, sin).
+    Returns (q, k) for convenience."""
+    if not _use_triton(q):
+        qr, kr = rotary_ref(positions, q, k, cos_sin)
+        q.copy_(qr)
+        k.copy_(kr)
+        return q, k
+    _rotary_launch(positions, q, k, k, cos_sin, k, k, positions, store_kv=False)
+    return q, k
+
+
+def rotary_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slots: torch.Tensor) -> torch.Tensor:
+    """Rotate q in place and write rotated k and plain v into k_cache/v_cache [num_slots, KVH, D]
+    at `slots` [T] (cast to the cache dtype), i.e. rotary_ + KVPool.store in one pass. k itself
+    is left unrotated (the attention kernels read K from the cache only). Returns q."""
+    if not _use_triton(q):
+        cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        q.copy_(_rotate_ref(q, cos, sin))
+        k_cache[slots] = _rotate_ref(k, cos, sin).to(k_cache.dtype)
+        v_cache[slots] = v.to(v_cache.dtype)
+        return q
+    assert v.shape == k.shape and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    _rotary_launch(positions, q, k, v, cos_sin, k_cache, v_cache, slots, store_kv=True)
+    return q
+
+
+__all__ = ["HAS_TRITON", "rmsnorm", "rmsnorm_ref", "rotary_", "rotary_and_store_kv", "rotary_ref",
+           "silu_and_mul", "silu_and_mul_ref"]
