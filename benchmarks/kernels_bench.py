@@ -14,11 +14,13 @@ and rotary at T = 8192 tokens x hidden 4096 (silu_and_mul: [8192, 2 x 4096] -> [
 rotary: 32 q + 8 k heads of 128).
 
 --sweep-splits also times decode for every NUM_SPLITS power of two, to tune
-radixserve.kernels.attention.decode_num_splits on the device at hand.
+radixserve.kernels.attention.decode_num_splits on the device at hand; --sweep-configs times decode
+and extend over block sizes / warps / stages (decode_config, extend_config).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -101,23 +103,40 @@ def row(rows: list[dict], name: str, shape: str, ms: float, ref_ms: float | None
     print(f"{name:<22} {shape:<26} {ms:9.3f} {ref_s} {sp}  {perf}", flush=True)
 
 
-def bench_decode(rows, copy_bw, sweep: bool, skip_torch: bool) -> None:
+def sweep_configs(run, space: dict) -> dict:
+    """Time run(config) over the product of `space`; configs that do not fit (shared memory,
+    registers) are recorded as None. Returns {"best": config, "best_ms": ms, "all": [...]}."""
+    results = []
+    for values in itertools.product(*space.values()):
+        cfg = dict(zip(space, values))
+        try:
+            ms = round(bench(lambda cfg=cfg: run(cfg)), 4)
+        except Exception as e:  # noqa: BLE001 - triton raises several resource errors
+            ms = None
+            cfg["error"] = type(e).__name__
+        results.append({**cfg, "ms": ms})
+    ok = [r for r in results if r["ms"] is not None]
+    best = min(ok, key=lambda r: r["ms"]) if ok else None
+    return {"best": best, "all": results}
+
+
+def bench_decode(rows, copy_bw, sweep: bool, skip_torch: bool, configs: bool) -> None:
     for B in (1, 32, 128, 256):
         for seq in (1024, 4096):
-            _decode_case(rows, copy_bw, sweep, skip_torch, B, seq)
+            _decode_case(rows, copy_bw, sweep, skip_torch, configs, B, seq)
             torch.cuda.empty_cache()
 
 
-def _decode_case(rows, copy_bw, sweep: bool, skip_torch: bool, B: int, seq: int) -> None:
+def _decode_case(rows, copy_bw, sweep: bool, skip_torch: bool, configs: bool, B: int, seq: int) -> None:
     fb, q, layer = attn_batch([seq - 1] * B, [1] * B)
     k, v = fb.kv_pool.k[0], fb.kv_pool.v[0]
     splits = KA.decode_num_splits(B, KVH, q.device)
     mid_o = torch.empty(B * H * KA.MAX_DECODE_SPLITS * D, device=DEV)  # room for any split count (sweep)
     mid_lse = torch.empty(B * H * KA.MAX_DECODE_SPLITS, device=DEV)
 
-    def run(s: int = splits) -> torch.Tensor:
+    def run(s: int = splits, cfg: dict | None = None) -> torch.Tensor:
         return KA.decode_attention(q, k, v, fb.req_to_token, fb.req_rows, fb.seq_lens, layer.scale, None, s,
-                                   mid_o, mid_lse)
+                                   mid_o, mid_lse, config=cfg)
     # Must move: K and V of every token, its slot index, q in and out.
     nbytes = B * seq * (2 * KVH * D * 2 + 8) + 2 * q.numel() * 2
     ms = bench(run)
@@ -131,10 +150,15 @@ def _decode_case(rows, copy_bw, sweep: bool, skip_torch: bool, B: int, seq: int)
             s *= 2
         extra["sweep_ms"] = sweep_ms
         extra["best_splits"] = min(sweep_ms, key=sweep_ms.get)
+    if configs:
+        extra["config"] = KA.decode_config(D)
+        extra["config_sweep"] = sweep_configs(lambda cfg: run(splits, cfg), {
+            "BLOCK_N": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]})
+        print(f"  best decode config: {extra['config_sweep']['best']}")
     row(rows, "decode_attention", f"B={B} kv={seq}", ms, ref_ms, nbytes, copy_bw=copy_bw, **extra)
 
 
-def bench_extend(rows, skip_torch: bool) -> None:
+def bench_extend(rows, skip_torch: bool, configs: bool) -> None:
     B, L = 8, 2048
     fb, q, layer = attn_batch([0] * B, [L] * B)
     cfg = KA.extend_config(D, L)
@@ -144,7 +168,15 @@ def bench_extend(rows, skip_torch: bool) -> None:
                                            layer.scale, None, table, cfg))
     flops = B * 4 * H * D * (L * (L + 1) / 2)  # QK^T and PV over the causal triangle
     ref_ms = None if skip_torch else torch_attention(fb, q, layer)
-    row(rows, "extend_attention", f"{B}x{L} causal", ms, ref_ms, flops=flops, **cfg)
+    extra: dict = {"config": cfg}
+    if configs:
+        tables = {bm: KA.extend_block_table(fb.extend_lens, q.shape[0], bm) for bm in (64, 128)}
+        extra["config_sweep"] = sweep_configs(
+            lambda c: KA.extend_attention(q, k, v, fb.req_to_token, fb.req_rows, fb.prefix_lens, fb.extend_lens,
+                                          layer.scale, None, tables[c["BLOCK_M"]], c),
+            {"BLOCK_M": [64, 128], "BLOCK_N": [32, 64, 128], "num_warps": [4, 8], "num_stages": [1, 2, 3]})
+        print(f"  best extend config: {extra['config_sweep']['best']}")
+    row(rows, "extend_attention", f"{B}x{L} causal", ms, ref_ms, flops=flops, **extra)
 
 
 def bench_fused(rows, copy_bw) -> None:
@@ -187,6 +219,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--output", required=True, help="JSON file to write")
     ap.add_argument("--sweep-splits", action="store_true", help="time decode at every NUM_SPLITS")
+    ap.add_argument("--sweep-configs", action="store_true",
+                    help="time decode/extend over block sizes, warps and stages (tuning; slow)")
     ap.add_argument("--skip-torch", action="store_true", help="skip the torch attention references (slow, big)")
     ap.add_argument("--only", choices=["decode", "extend", "fused"], nargs="*", default=None)
     args = ap.parse_args()
@@ -200,9 +234,9 @@ def main() -> None:
     only = set(args.only or ["decode", "extend", "fused"])
     with torch.inference_mode():
         if "decode" in only:
-            bench_decode(rows, copy_bw, args.sweep_splits, args.skip_torch)
+            bench_decode(rows, copy_bw, args.sweep_splits, args.skip_torch, args.sweep_configs)
         if "extend" in only:
-            bench_extend(rows, args.skip_torch)
+            bench_extend(rows, args.skip_torch, args.sweep_configs)
         if "fused" in only:
             bench_fused(rows, copy_bw)
     result = {"device": device_name(DEV), "commit": git_commit(), "torch": torch.__version__,

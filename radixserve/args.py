@@ -45,6 +45,7 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
     disable_overlap_schedule: bool = False
+    enable_overlap_schedule: bool = False
     enable_torch_compile: bool = False
     quantization: str | None = None
     # parallelism
@@ -82,6 +83,9 @@ class ServerArgs:
             self.chunked_prefill_size = 1 << 30
         if self.page_size < 1:
             raise ValueError(f"--page-size must be >= 1, got {self.page_size}")
+        if self.chunked_prefill_size < self.page_size:
+            raise ValueError(f"--chunked-prefill-size ({self.chunked_prefill_size}) must be >= --page-size "
+                             f"({self.page_size}): a chunk ends on a page boundary")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
         if self.schedule_policy not in ("fcfs", "lpm"):
@@ -117,6 +121,12 @@ class ServerArgs:
         if self.dtype not in names:
             raise ValueError(f"--dtype {self.dtype!r}: choose auto, float32, bfloat16 or float16")
         return names[self.dtype]
+
+    @property
+    def overlap_schedule(self) -> bool:
+        """Overlap is on by default on CUDA; on CPU there is nothing to overlap with, so it is opt-in
+        (tests exercise the same code path by forcing it)."""
+        return not self.disable_overlap_schedule and (self.device == "cuda" or self.enable_overlap_schedule)
 
     @property
     def disable_radix_cache(self) -> bool:
@@ -163,6 +173,7 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--cuda-graph-max-bs"], dict(type=int, help="Largest decode batch captured in a CUDA graph.")),
     (["--disable-cuda-graph"], dict(action="store_true", help="Run decode eagerly.")),
     (["--disable-overlap-schedule"], dict(action="store_true", help="Do not overlap CPU scheduling with GPU.")),
+    (["--enable-overlap-schedule"], dict(action="store_true", help="Overlap on CPU too (default: only on CUDA).")),
     (["--enable-torch-compile"], dict(action="store_true", help="torch.compile the small-batch decode path.")),
     (["--quantization"], dict(help="Weight quantization (not supported yet).")),
     (["--tp-size", "--tp"], dict(type=int, dest="tp_size", help="Tensor-parallel ranks (GPUs).")),

@@ -100,7 +100,8 @@ class Req:
     last_node: object = None  # radix node locked while the request runs
     cached_len: int = 0  # positions covered by this admission's prefix match (locked under last_node)
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission (reported)
-    kv_len: int = 0  # positions whose KV is in the pool
+    kv_len: int = 0  # positions whose KV is in the pool (or being computed by a launched step)
+    slots: list[int] = field(default_factory=list)  # CPU copy of this request's req_to_token row
     extend_len: int = 0  # tokens computed in the current prefill step
     # output
     finish_reason: FinishReason | None = None
@@ -125,6 +126,13 @@ class Req:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def decode_step(self) -> int:
+        """Index of the output token being sampled now. Derived from the KV length, which the
+        scheduler advances when it launches a step, so it is right even while the previous token
+        is still in flight (overlap scheduling); falls back to the output count outside a step."""
+        return max(self.kv_len - len(self.origin_input_ids), len(self.output_ids))
 
     @property
     def remaining_new_tokens(self) -> int:

@@ -4,6 +4,8 @@ It drives an in-process Engine step by step (no server, no ZMQ): one user at a k
 from the process split, and stepping the scheduler directly lets each token print as soon as it is
 sampled. The history is re-sent whole each turn; the radix cache makes that cheap, since every turn's
 prompt extends the previous one. Older turns are dropped when the history outgrows the context.
+Decoding is greedy: answers are reproducible, and small models answer best without sampling noise
+(Ctrl-C stops an answer that runs on).
 """
 from __future__ import annotations
 
@@ -28,7 +30,6 @@ class Shell:
     def __init__(self, engine: Engine, out: TextIO = sys.stdout) -> None:
         self.engine, self.out = engine, out
         self.history: list[dict[str, str]] = []
-        self.turns = 0
         self.limit = min(engine.runner.context_len, engine.scheduler.allocator.capacity_tokens)
 
     def say(self, text: str, end: str = "\n") -> None:
@@ -64,9 +65,7 @@ class Shell:
             self.history.pop()
             self.say(f"[message too long: the context holds {self.limit} tokens]")
             return ""
-        sp = SamplingParams(max_new_tokens=min(MAX_NEW_TOKENS, self.limit - len(ids)), temperature=0.7, top_p=0.9,
-                            seed=self.engine.args.seed + self.turns)
-        self.turns += 1
+        sp = SamplingParams(max_new_tokens=min(MAX_NEW_TOKENS, self.limit - len(ids)), temperature=0.0)
         req, sched = Req(ids, sp), self.engine.scheduler
         sched.add_request(req)
         detok, done, start = IncrementalDetokenizer(self.engine.tokenizer), 0, time.perf_counter()
@@ -85,8 +84,9 @@ class Shell:
             else detok.text
         self.history.append({"role": "assistant", "content": reply})
         secs = time.perf_counter() - start
-        self.say(f"\n[{len(req.output_ids)} tokens, {len(req.output_ids) / max(secs, 1e-9):.1f} tok/s, "
-                 f"context {len(ids) + len(req.output_ids)}/{self.limit}]")
+        n = len(req.output_ids)
+        self.say(f"\n[{n} tokens, {n / max(secs, 1e-9):.1f} tok/s; prompt {len(ids)} tokens, "
+                 f"context {len(ids) + n}/{self.limit}]")
         return reply
 
     def loop(self, stdin: TextIO = sys.stdin) -> None:

@@ -84,11 +84,11 @@ def test_lpm_admits_longest_prefix_first_and_fcfs_keeps_order(engine):
         reqs = [Req(p, SP) for p in ps]
         for r in reqs:
             s.add_request(r)
-        batch = s._schedule_prefill()  # one running slot: exactly one request is admitted
-        assert len(batch) == 1 and batch[0] is reqs[expect_first]
-        s._process(batch, s.runner.forward(batch, is_decode=False), is_decode=False)
-        while s.has_work:
-            s.step()
+        s.step()  # one running slot: exactly one request is admitted and prefilled
+        assert [bool(r.output_ids) for r in reqs] == [i == expect_first for i in range(3)]
+        for r in reqs:
+            s.abort(r.rid)
+        assert not s.has_work
         assert_pool_clean(s)
 
 
@@ -130,6 +130,28 @@ def test_abort_frees_everything(engine):
         s.abort(r.rid)
     assert not s.has_work
     assert all(r.finish_reason.value == "abort" for r in reqs)
+    assert_pool_clean(s)
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_overlap_schedule_same_outputs(engine, page_size):
+    """Overlap (results of step N processed after step N+1 launched) is the default on GPU; on CPU
+    the same code path must give exactly the outputs of the plain loop, including seeded sampling,
+    stop strings, chunking and retraction."""
+    ps = [p[:40 + 7 * i] for i, p in enumerate(prompts(engine, 8, prefix_words=12))]
+
+    def reqs():
+        out = []
+        for i, p in enumerate(ps):
+            sp = SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_new_tokens=10 + 5 * i,
+                                ignore_eos=True, stop=[" plus"] if i == 3 else [])
+            out.append(Req(p, sp))
+        return out
+    kw = dict(page_size=page_size, chunked_prefill_size=32, max_total_tokens=900)
+    ref = drain(sched(engine, **kw), reqs())
+    s = sched(engine, enable_overlap_schedule=True, **kw)
+    assert s.overlap
+    assert drain(s, reqs(), check=lambda s: s.cache.check_invariants()) == ref
     assert_pool_clean(s)
 
 

@@ -144,11 +144,17 @@ def test_stop_string_cuts_exactly(client: openai.OpenAI, model: str, greedy_comp
     k = len(full) // 2
     stop = full[k:k + 3]  # usually spans a token boundary
     expected = full[:full.index(stop)]
-    kw = {"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": [stop, "never-matches"]}
+    kw = {"model": model, "prompt": PROMPT, "max_tokens": 16, "temperature": 0, "stop": [stop, "never-matches"],
+          "extra_body": {"ignore_eos": True}}
     r = client.completions.create(**kw)
     assert (r.choices[0].text, r.choices[0].finish_reason) == (expected, "stop")
     streamed = "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices)
     assert streamed == expected
+    # A stop string that starts like the text but never completes: held-back text is released in the end.
+    kw["stop"] = [stop + "\u2603"]
+    r = client.completions.create(**kw)
+    assert (r.choices[0].text, r.choices[0].finish_reason) == (full, "length")
+    assert "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices) == full
 
 
 def test_n2_with_seed_is_reproducible(client: openai.OpenAI, model: str) -> None:
@@ -166,7 +172,7 @@ def test_concurrent_requests_equal_alone(client: openai.OpenAI, model: str, base
     prompts = [f"Question {i}: name a color and a number." for i in range(4)]
 
     def run(p: str) -> str:
-        return client.completions.create(model=model, prompt=p, max_tokens=8, temperature=0).choices[0].text
+        return client.completions.create(model=model, prompt=p, max_tokens=6, temperature=0).choices[0].text
 
     alone = {p: run(p) for p in prompts}
     assert request(base_url, "POST", "/flush_cache")[0] == 200  # the batch computes from scratch as well

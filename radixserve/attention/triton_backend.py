@@ -15,14 +15,17 @@ backend and reused by every layer and every step. So a graph captured for batch 
 correctly for new lengths as long as the static tensors it captured are refreshed in place.
 
 What the CUDA graph runner must do:
-  1. Once, before capturing: `backend.reserve_decode(max_bs, num_heads, num_kv_heads, head_dim,
-     device)` (per-rank head counts) so the scratch never grows during or after capture. (Growth
-     is still safe, since retired buffers are kept alive for graphs that point at them, but it
-     wastes memory.)
+  1. Recommended, once before capturing: `backend.reserve_decode(max_bs, num_heads, num_kv_heads,
+     head_dim, device)` (per-rank head counts) so the scratch is sized for every bs up front.
+     Without it the scratch grows during the eager warm-ups, which is also correct: growth keeps
+     retired buffers alive for graphs that point at them (only memory is wasted), and growth
+     during a capture logs a warning.
   2. Per captured `bs`: build a static decode ForwardBatch (is_decode=True) whose input_ids,
      positions, out_slots, req_rows, seq_lens (int64, [bs]) and logits_idx (arange(bs)) are static
-     device tensors; prefix_lens/extend_lens may be static too (decode never reads them).
-     Call `backend.init_forward_metadata(fb)` once, warm up, then capture `model(fb)`.
+     device tensors; prefix_lens/extend_lens may be static too (decode never reads them), and
+     max_seq_len is ignored. Warm up eagerly (Triton compiles there), then capture `model(fb)`;
+     `init_forward_metadata(fb)` may run inside or outside the capture (for decode it launches no
+     device work).
   3. Per replay: copy the real batch into the first B entries of input_ids, positions, out_slots,
      req_rows and seq_lens, and fill the padding entries [B:bs] with input_ids=0, positions=0,
      out_slots=0 (the padding slot), req_rows=any valid row (e.g. 0) and seq_lens=1 (0 also
@@ -86,8 +89,13 @@ class TritonAttentionBackend:
     def reserve_decode(self, max_batch: int, num_heads: int, num_kv_heads: int, head_dim: int,
                        device: torch.device | str) -> None:
         """Allocate the split scratch for every decode batch size <= max_batch (call before capture)."""
+        if K is None:
+            return
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # match q.device, which always has an index
+            device = torch.device("cuda", torch.cuda.current_device())
         n_o, n_lse = K.decode_scratch_numel(max_batch, num_heads, num_kv_heads, head_dim, device)
-        self._ensure_scratch(n_o, n_lse, torch.device(device))
+        self._ensure_scratch(n_o, n_lse, device)
 
     def _ensure_scratch(self, n_o: int, n_lse: int, device: torch.device) -> None:
         if self._mid_o is not None and self._mid_o.numel() >= n_o and self._mid_lse.numel() >= n_lse \

@@ -14,6 +14,7 @@ from radixserve.attention import make_backend
 from radixserve.core import Req
 from radixserve.distributed.group import TPGroup
 from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.engine.transfer import to_device
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool
 from radixserve.models.config import ModelConfig
 from radixserve.models.registry import build_model
@@ -67,6 +68,9 @@ class ModelRunner:
             4096 if self.device.type == "cuda" else 256, max(self.memory.max_total_num_tokens // 8, 1))
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len + 1, self.device)
         self.attn = make_backend(args.attention_backend)
+        # Last sampled token of each request row, kept on the device: decode reads its inputs from
+        # here, so step N+1 can launch before step N's tokens reach the CPU (overlap scheduling).
+        self.last_token = torch.zeros(self.max_running_requests + 1, dtype=torch.int64, device=self.device)
         self.graphs = None
         self.used_graph = False  # whether the last forward replayed a CUDA graph (for the decode log line)
         if self.device.type == "cuda" and not args.disable_cuda_graph:
@@ -114,22 +118,21 @@ class ModelRunner:
 
     def prepare(self, reqs: list[Req], is_decode: bool) -> ForwardBatch:
         dev = self.device
-        if is_decode:
-            ids = [r.fill_ids[-1] for r in reqs]
-        else:
-            ids = [t for r in reqs for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]]
+        ids = [] if is_decode else [t for r in reqs for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]]
         prefix = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64)
         extend = torch.tensor([r.extend_len for r in reqs], dtype=torch.int64)
         rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
         seq = prefix + extend
         req_idx = torch.repeat_interleave(torch.arange(len(reqs)), extend)
         positions = torch.arange(int(extend.sum())) - (torch.cumsum(extend, 0) - extend)[req_idx] + prefix[req_idx]
-        rows_d, positions_d = rows.to(dev), positions.to(dev)
+        rows_d, positions_d = to_device(rows, dev), to_device(positions, dev)
+        input_ids = self.last_token[rows_d] if is_decode else to_device(ids, dev)
         fb = ForwardBatch(
-            is_decode=is_decode, input_ids=torch.tensor(ids, dtype=torch.int64).to(dev), positions=positions_d,
-            out_slots=self.req_to_token_pool.req_to_token[rows_d[req_idx.to(dev)], positions_d],
-            req_rows=rows_d, seq_lens=seq.to(dev), prefix_lens=prefix.to(dev), extend_lens=extend.to(dev),
-            logits_idx=(torch.cumsum(extend, 0) - 1).to(dev), max_seq_len=int(seq.max()),
+            is_decode=is_decode, input_ids=input_ids, positions=positions_d,
+            out_slots=self.req_to_token_pool.req_to_token[to_device(rows[req_idx], dev), positions_d],
+            req_rows=rows_d, seq_lens=to_device(seq, dev), prefix_lens=to_device(prefix, dev),
+            extend_lens=to_device(extend, dev), logits_idx=to_device(torch.cumsum(extend, 0) - 1, dev),
+            max_seq_len=int(seq.max()),
             max_extend_len=int(extend.max()), kv_pool=self.kv_pool,
             req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)
         return fb

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.core import Req
+from radixserve.engine.transfer import to_device
 
 
 def _i64(x: int) -> int:
@@ -43,8 +44,8 @@ def _padded(seqs: list[list[int]], device: torch.device) -> tuple[torch.Tensor, 
     """[n, L] ids and validity mask for non-empty `seqs`. Pads repeat the row's last id, so a scatter of a
     value computed from the gathered logit writes the same value at that position as the real entry."""
     width = max(map(len, seqs))
-    ids = torch.tensor([s + s[-1:] * (width - len(s)) for s in seqs], dtype=torch.int64, device=device)
-    lens = torch.tensor([len(s) for s in seqs], device=device)
+    ids = to_device([s + s[-1:] * (width - len(s)) for s in seqs], device)
+    lens = to_device([len(s) for s in seqs], device)
     return ids, torch.arange(width, device=device)[None] < lens[:, None]
 
 
@@ -64,16 +65,16 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
     out = logits.clone()
 
     def col(vals: list[float]) -> torch.Tensor:
-        return torch.tensor(vals, dtype=out.dtype, device=dev)[:, None]
+        return to_device(vals, dev, out.dtype)[:, None]
 
     if rep_rows:
         ids, _ = _padded([reqs[i].fill_ids for i in rep_rows], dev)
-        rows = torch.tensor(rep_rows, device=dev)[:, None]
+        rows = to_device(rep_rows, dev)[:, None]
         pen, v = col([ps[i].repetition_penalty for i in rep_rows]), out[rows, ids]
         out[rows, ids] = torch.where(v > 0, v / pen, v * pen)
     if fp_rows:
         ids, valid = _padded([reqs[i].output_ids for i in fp_rows], dev)
-        rows = torch.tensor(fp_rows, device=dev)[:, None]
+        rows = to_device(fp_rows, dev)[:, None]
         counts = torch.zeros(len(fp_rows), vocab, dtype=out.dtype, device=dev)
         counts = counts.scatter_add_(1, ids, valid.to(out.dtype)).gather(1, ids)
         freq = col([ps[i].frequency_penalty for i in fp_rows])
@@ -115,7 +116,7 @@ class Sampler:
         else:
             next_ids = penalised.argmax(dim=-1)
             if rows:
-                idx = torch.tensor(rows, device=dev)
+                idx = to_device(rows, dev)
                 next_ids.index_copy_(0, idx, self._sample_rows(penalised[idx], [reqs[i] for i in rows]))
 
         if not any(p.logprobs or p.top_logprobs > 0 for p in ps):
@@ -126,7 +127,7 @@ class Sampler:
         top: list[list[tuple[int, float]]] = [[] for _ in reqs]
         top_rows = [i for i, p in enumerate(ps) if p.top_logprobs > 0]
         if top_rows:
-            idx = torch.tensor(top_rows, device=dev)
+            idx = to_device(top_rows, dev)
             vals, ids = logits[idx].topk(max(ps[i].top_logprobs for i in top_rows), dim=-1)
             vals, ids = (vals - lse[idx, None]).tolist(), ids.tolist()
             for j, i in enumerate(top_rows):
@@ -152,25 +153,25 @@ class Sampler:
         ps, dev, vocab = [r.sampling_params for r in reqs], logits.device, self.vocab_size
 
         def col(vals: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(vals, dtype=dtype, device=dev)[:, None]
+            return to_device(vals, dev, dtype)[:, None]
 
         probs = torch.softmax(logits / col([p.temperature for p in ps]), dim=-1)
-        seeds = torch.tensor([_i64(r.seed) for r in reqs], dtype=torch.int64, device=dev)
-        steps = torch.tensor([len(r.output_ids) for r in reqs], dtype=torch.int64, device=dev)
+        seeds = to_device([_i64(r.seed) for r in reqs], dev)
+        steps = to_device([r.decode_step for r in reqs], dev)
         keys = _mix64(_mix64(seeds) + steps * _GOLDEN)  # per-row half of the noise hash: (seed, step)
         ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in ps]
         srows = [j for j, p in enumerate(ps) if ks[j] < vocab or p.top_p < 1.0]
         drows = [j for j, p in enumerate(ps) if ks[j] == vocab and p.top_p >= 1.0]
         out = torch.empty(len(reqs), dtype=torch.int64, device=dev)
         if drows:  # no top-k/top-p: every token is a candidate, noise over the whole vocab
-            d = torch.tensor(drows, device=dev)
+            d = to_device(drows, dev)
             pd = probs if len(drows) == len(reqs) else probs[d]
             if any(ps[j].min_p > 0 for j in drows):
                 thr = col([ps[j].min_p for j in drows]) * pd.amax(dim=-1, keepdim=True)
                 pd = pd.masked_fill(pd < thr, 0.0)
             out[d] = (self._log_u(keys[d], self._tok_hash) / pd).argmax(dim=-1)
         if srows:  # top-k/top-p: only a sorted prefix can survive, so noise only for that prefix
-            s = torch.tensor(srows, device=dev)
+            s = to_device(srows, dev)
             sub = probs if len(srows) == len(reqs) else probs[s]
             k = col([ks[j] for j in srows], torch.int64)
             top_p, min_p = col([ps[j].top_p for j in srows]), col([ps[j].min_p for j in srows])

@@ -85,9 +85,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def _num_sms(device_index: int | None) -> int:
-    if torch.cuda.is_available() and device_index is not None:
-        return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device | str | None) -> int:
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        return _sm_count(dev.index if dev.index is not None else torch.cuda.current_device())
     return 8  # interpreter on CPU: a few splits still exercise the merge, without 1000s of programs
 
 
@@ -99,9 +104,7 @@ def decode_num_splits(batch: int, kv_heads: int, device: torch.device | str | No
     """NUM_SPLITS for a decode batch: enough (B, KV_HEAD, split) programs for ~4 per SM (several
     resident CTAs per SM hide the gather latency), a power of two (stage 2 reduces with one
     tl.arange), at most MAX_DECODE_SPLITS. A function of shapes only, so graph-capturable."""
-    dev = torch.device(device) if device is not None else None
-    sms = _num_sms(dev.index if dev is not None and dev.type == "cuda" else None)
-    want = -(-4 * sms // max(batch * kv_heads, 1))
+    want = -(-4 * _num_sms(device) // max(batch * kv_heads, 1))
     return max(1, min(MAX_DECODE_SPLITS, triton.next_power_of_2(want)))
 
 
@@ -189,11 +192,18 @@ def _decode_stage2(Out, MidO, MidLse, stride_ob, stride_oh, NUM_HEADS: tl.conste
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
+def decode_config(head_dim: int) -> dict:
+    """Stage-1 launch config. BLOCK_N 64 keeps a K and a V tile at 16 KB each for D = 128, so two
+    pipeline stages fit with several CTAs per SM; for D <= 64 a 128-token tile moves the same bytes
+    per iteration. (benchmarks/kernels_bench.py --sweep-configs times the alternatives.)"""
+    return {"BLOCK_N": 128 if head_dim <= 64 else 64, "num_warps": 4, "num_stages": 2}
+
+
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor,
                      req_rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      sliding_window: int | None = None, num_splits: int | None = None,
                      mid_o: torch.Tensor | None = None, mid_lse: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Attention of one new token per request over its paged KV.
 
     q [B, H, D]; k_buf/v_buf [num_slots, KVH, D] (one layer of the pool); req_to_token [rows, ctx]
@@ -218,19 +228,17 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_o = mid_lse = out  # unused by the kernel
     if B == 0:
         return out
-    # BLOCK_N 64 keeps a K and a V tile at 16 KB each for D = 128 (2-3 stages fit with several
-    # CTAs per SM); for D <= 64 a 128-token tile moves the same bytes per iteration.
+    cfg = config or decode_config(D)
     block_d = triton.next_power_of_2(D)
-    block_n = 128 if block_d <= 64 else 64
     has_window = bool(sliding_window) and sliding_window > 0
     _decode_stage1[(B, KVH, S)](
         q, k_buf, v_buf, out, mid_o, mid_lse, req_to_token, req_rows, seq_lens,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
         out.stride(0), out.stride(1), req_to_token.stride(0), scale * LOG2E,
         int(sliding_window) if has_window else 0,
-        NUM_HEADS=H, G=G, D=D, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d, BLOCK_N=block_n,
-        NUM_SPLITS=S, HAS_WINDOW=has_window, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=4, num_stages=2)
+        NUM_HEADS=H, G=G, D=D, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
+        BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=S, HAS_WINDOW=has_window, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if S > 1:
         _decode_stage2[(B, H)](out, mid_o, mid_lse, out.stride(0), out.stride(1), NUM_HEADS=H, D=D,
                                BLOCK_D=block_d, NUM_SPLITS=S, num_warps=4 if S * block_d <= 4096 else 8)
@@ -372,5 +380,5 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     return out
 
 
-__all__ = ["MAX_DECODE_SPLITS", "decode_attention", "decode_num_splits", "decode_scratch_numel",
+__all__ = ["MAX_DECODE_SPLITS", "decode_attention", "decode_config", "decode_num_splits", "decode_scratch_numel",
            "extend_attention", "extend_block_table", "extend_config"]

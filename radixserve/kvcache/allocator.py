@@ -71,5 +71,5 @@ class PageAllocator:
         slots = last_slots + 1
         n = int(need_page.sum())
         if n:
-            slots[need_page] = self.alloc_pages(n).to(slots.device) * self.page_size
+            slots[need_page] = self.alloc_pages(n) * self.page_size
         return slots

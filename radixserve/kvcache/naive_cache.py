@@ -35,6 +35,9 @@ class NaiveCache:
     def dec_lock(self, node: object) -> None:
         pass
 
+    def cache_running(self, token_ids: list[int], slots: torch.Tensor, node: object, cached_len: int) -> MatchResult:
+        return MatchResult(slots[:0], None)
+
     def release(self, token_ids: list[int], slots: torch.Tensor, node: object, cached_len: int) -> None:
         self.allocator.free(slots)
 

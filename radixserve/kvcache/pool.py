@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from radixserve.engine.transfer import to_device
+
 
 class KVPool:
     """Per-layer K and V buffers of shape [num_slots, kv_heads_per_rank, head_dim].
@@ -45,4 +47,4 @@ class ReqToTokenPool:
         self.free_rows.append(row)
 
     def write(self, row: int, start: int, slots: torch.Tensor) -> None:
-        self.req_to_token[row, start:start + slots.numel()] = slots.to(self.req_to_token.device)
+        self.req_to_token[row, start:start + slots.numel()] = to_device(slots, self.req_to_token.device)

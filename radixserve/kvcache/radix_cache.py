@@ -145,23 +145,41 @@ class RadixCache:
 
     # ---- insertion -----------------------------------------------------------------------------
     def release(self, token_ids: list[int], slots: torch.Tensor, node: object, cached_len: int) -> None:
-        """Hand a finished/retracted request's KV to the tree. Positions someone else inserted since
-        our match already have slots in the tree; ours for them are duplicates and are freed (the
-        tree's copy wins so holders of it stay valid). The unaligned tail cannot be a node (it is a
-        partial page), so it is freed too. The lock is dropped last, so our path cannot be evicted
+        """Hand a finished/retracted request's KV to the tree. The unaligned tail cannot be a node (it
+        is a partial page), so it is freed. The lock is dropped last, so our path cannot be evicted
         while we insert below it."""
         ps = self.page_size
         assert cached_len % ps == 0 and slots.numel() >= len(token_ids) >= cached_len
         slots = slots.to("cpu", torch.int64)
         aligned = len(token_ids) // ps * ps
-        key = list(token_ids[:aligned])
+        self._insert(list(token_ids[:aligned]), slots[:aligned])
+        self.allocator.free(slots[aligned:])
+        self.dec_lock(node)
+
+    def cache_running(self, token_ids: list[int], slots: torch.Tensor, node: object, cached_len: int) -> MatchResult:
+        """Insert a running request's computed, page-aligned prefix so requests admitted while it is
+        still running can share it (SGLang's cache_unfinished_req). Its lock moves from `node` to the
+        new deepest node; the returned slots (the tree's) replace the request's own for that prefix."""
+        aligned = len(token_ids) // self.page_size * self.page_size
+        if aligned <= cached_len:
+            return MatchResult(slots[:cached_len], node)
+        self._insert(list(token_ids[:aligned]), slots[:aligned].to("cpu", torch.int64))
+        match = self.match_prefix(list(token_ids[:aligned]))
+        self.inc_lock(match.node)
+        self.dec_lock(node)
+        return match
+
+    def _insert(self, key: list[int], slots: torch.Tensor) -> None:
+        """Insert page-aligned `key` with `slots`. Positions someone else inserted already have slots
+        in the tree; ours for them are duplicates and are freed (the tree's copy wins so holders of it
+        stay valid)."""
         now = next(self._clock)
         cur, pos = self.root, 0
         cur.last_access = now
-        while pos < aligned:
+        while pos < len(key):
             child = cur.children.get(self._child_key(key[pos:]))
             if child is None:
-                new = TreeNode(key[pos:], slots[pos:aligned].clone(), cur, 0, now)
+                new = TreeNode(key[pos:], slots[pos:].clone(), cur, 0, now)
                 cur.children[self._child_key(new.key)] = new
                 self._evictable += len(new.key)
                 break
@@ -169,12 +187,9 @@ class RadixCache:
             if m < len(child.key):
                 child = self._split(child, m)
             ours = slots[pos: pos + m]
-            dup = ours[ours != child.value]  # equal slots are our own matched prefix
-            self.allocator.free(dup)
+            self.allocator.free(ours[ours != child.value])  # equal slots are our own matched prefix
             child.last_access = now
             cur, pos = child, pos + m
-        self.allocator.free(slots[aligned:])
-        self.dec_lock(node)
 
     # ---- eviction ------------------------------------------------------------------------------
     def evict(self, num_tokens: int) -> int:

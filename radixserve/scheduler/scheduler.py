@@ -8,6 +8,7 @@ not fit, requests are retracted (their KV handed to the prefix cache) and re-que
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,13 +17,26 @@ from radixserve.args import ServerArgs
 from radixserve.core import FinishReason, Req
 from radixserve.detokenizer import IncrementalDetokenizer, find_stop
 from radixserve.engine.model_runner import ModelRunner
-from radixserve.engine.sampler import Sampler
+from radixserve.engine.sampler import SampleOutput, Sampler
+from radixserve.engine.transfer import to_device
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.kvcache.naive_cache import NaiveCache
 from radixserve.kvcache.radix_cache import RadixCache
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
+
+@dataclass
+class Launched:
+    """A forward pass in flight: its batch, the requests that sample, and their tokens on the way
+    to the CPU."""
+
+    batch: list[Req]
+    is_decode: bool
+    sampled: list[Req]
+    out: SampleOutput | None
+    ids_cpu: torch.Tensor | None
+
 
 INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO_FACTOR = 0.14
@@ -54,6 +68,8 @@ class Scheduler:
         self.new_token_ratio = self.init_ratio
         self.stats = SchedulerStats(self.allocator.capacity_tokens, args.decode_log_interval)
         self.rng = random.Random(args.seed)
+        self.overlap = args.overlap_schedule
+        self.pending: Launched | None = None
         self.max_running = min(args.max_running_requests or runner.max_running_requests,
                                runner.max_running_requests)
 
@@ -96,11 +112,15 @@ class Scheduler:
             req, self.chunked = self.chunked, None
             self._finish(req, FinishReason.ABORT)
             return req
+        for req in self.pending.batch if self.pending else []:  # prefilled, first token in flight
+            if req.rid == rid and not req.finished:
+                self._finish(req, FinishReason.ABORT)
+                return req
         return None
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self.early)
+        return bool(self.waiting or self.running or self.chunked or self.early or self.pending)
 
     @property
     def used_tokens(self) -> int:
@@ -108,20 +128,42 @@ class Scheduler:
 
     # ---- one scheduling step ------------------------------------------------------------------
     def step(self) -> list[Req]:
-        """Run one forward pass. Returns the requests that produced a token or finished."""
+        """Run one forward pass. Returns the requests that produced a token or finished.
+
+        With overlap scheduling the results of step N are processed after step N+1 is launched,
+        so the CPU work of processing and scheduling hides behind the device's forward pass.
+        """
         if self.early:
             early, self.early = self.early, []
             return early
-        batch = self._schedule_prefill()
-        if batch:
-            logits = self.runner.forward(batch, is_decode=False)
-            return self._process(batch, logits, is_decode=False)
-        if not self.running:
-            return []
-        batch = self._schedule_decode()
-        logits = self.runner.forward(batch, is_decode=True)
-        self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=self.runner.used_graph)
-        return self._process(batch, logits, is_decode=True)
+        launched = self._launch()
+        if not self.overlap:
+            return self._process(launched) if launched else []
+        done, self.pending = (self._process(self.pending) if self.pending else []), launched
+        return done
+
+    def _launch(self) -> "Launched | None":
+        batch, is_decode = self._schedule_prefill(), False
+        if not batch:
+            if not self.running:
+                return None
+            batch, is_decode = self._schedule_decode(), True
+        logits = self.runner.forward(batch, is_decode=is_decode)
+        for req in batch:
+            req.kv_len += req.extend_len
+            if not is_decode:
+                self._cache_running(req)
+        if is_decode:
+            self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=self.runner.used_graph)
+        rows = [i for i, r in enumerate(batch) if r.kv_len >= len(r.fill_ids)]  # cut prompts sample nothing
+        sampled = [batch[i] for i in rows]
+        if not sampled:
+            return Launched(batch, is_decode, [], None, None)
+        if len(rows) < len(batch):
+            logits = logits[to_device(rows, self.runner.device)]
+        out = self.sampler.sample(logits, sampled)
+        self.runner.last_token[to_device([r.req_pool_idx for r in sampled], self.runner.device)] = out.next_token_ids
+        return Launched(batch, is_decode, sampled, out, out.next_token_ids.to("cpu", non_blocking=True))
 
     def _schedule_prefill(self) -> list[Req]:
         reserve = sum(reserved_tokens(r, self.new_token_ratio) for r in self.running)
@@ -157,6 +199,7 @@ class Scheduler:
             req.last_node, req.cached_len = match.node, match.length
             self.cache.inc_lock(match.node)
             req.req_pool_idx = self.req_to_token.alloc()
+            req.slots = match.slots.tolist()
             if match.length:
                 self.req_to_token.write(req.req_pool_idx, 0, match.slots)
             req.kv_len = match.length
@@ -185,21 +228,33 @@ class Scheduler:
             self.cache.evict(need - self.allocator.free_tokens)
         if need > self.allocator.free_tokens:
             return False
-        last = int(self.req_to_token.req_to_token[req.req_pool_idx, req.kv_len - 1]) if req.kv_len else 0
+        last = req.slots[req.kv_len - 1] if req.kv_len else 0
         slots = self.allocator.alloc_extend(req.kv_len, req.kv_len + req.extend_len, last)
         self.req_to_token.write(req.req_pool_idx, req.kv_len, slots)
+        req.slots.extend(slots.tolist())
         return True
+
+    def _cache_running(self, req: Req) -> None:
+        """Share a prefilled prompt (or chunk) through the cache at once, not only when the request
+        finishes: requests admitted meanwhile that share the prefix hit it."""
+        m = self.cache.cache_running(req.fill_ids[:req.kv_len], torch.tensor(req.slots[:req.kv_len]),
+                                     req.last_node, req.cached_len)
+        if m.length > req.cached_len:
+            self.req_to_token.write(req.req_pool_idx, 0, m.slots)
+            req.slots[:m.length] = m.slots.tolist()
+            req.last_node, req.cached_len = m.node, m.length
 
     def _schedule_decode(self) -> list[Req]:
         self._ensure_decode_memory()
         reqs = self.running
-        kv_lens = torch.tensor([r.kv_len for r in reqs], device=self.runner.device)
-        rows = torch.tensor([r.req_pool_idx for r in reqs], device=self.runner.device)
-        table = self.req_to_token.req_to_token
-        slots = self.allocator.alloc_decode(kv_lens, table[rows, kv_lens - 1].clone())
-        table[rows, kv_lens] = slots
-        for r in reqs:
+        kv_lens = [r.kv_len for r in reqs]
+        slots = self.allocator.alloc_decode(torch.tensor(kv_lens), torch.tensor([r.slots[-1] for r in reqs]))
+        dev = self.runner.device
+        self.req_to_token.req_to_token[to_device([r.req_pool_idx for r in reqs], dev),
+                                       to_device(kv_lens, dev)] = to_device(slots, dev)
+        for r, slot in zip(reqs, slots.tolist()):
             r.extend_len = 1
+            r.slots.append(slot)
         self.new_token_ratio = max(self.new_token_ratio - self.ratio_decay, self.min_ratio)
         return list(reqs)
 
@@ -246,27 +301,27 @@ class Scheduler:
     def _release(self, req: Req) -> None:
         if req.req_pool_idx is None:
             return
-        slots = self.req_to_token.req_to_token[req.req_pool_idx, :req.kv_len].cpu()
-        self.cache.release(req.fill_ids[:req.kv_len], slots, req.last_node, req.cached_len)
+        # req.slots may run past kv_len (a step scheduled but never run): those pages are freed too
+        self.cache.release(req.fill_ids[:req.kv_len], torch.tensor(req.slots, dtype=torch.int64), req.last_node,
+                           req.cached_len)
         self.req_to_token.free(req.req_pool_idx)
-        req.req_pool_idx, req.last_node, req.kv_len, req.cached_len = None, None, 0, 0
+        req.req_pool_idx, req.last_node, req.kv_len, req.cached_len, req.slots = None, None, 0, 0, []
 
     def _finish(self, req: Req, reason: FinishReason) -> None:
         req.finish_reason = reason
         self._release(req)
 
     # ---- results ------------------------------------------------------------------------------
-    def _process(self, batch: list[Req], logits: torch.Tensor, is_decode: bool) -> list[Req]:
-        for req in batch:
-            req.kv_len += req.extend_len
-        done = [r for r in batch if r.kv_len == len(r.fill_ids)]  # chunked prompts sample nothing yet
-        if not done:
+    def _process(self, launched: "Launched") -> list[Req]:
+        if not launched.sampled:
             return []
-        rows = [i for i, r in enumerate(batch) if r.kv_len == len(r.fill_ids)]
-        out = self.sampler.sample(logits[rows] if len(rows) < len(batch) else logits, done)
-        ids = out.next_token_ids.tolist()
+        ids = launched.ids_cpu.tolist()  # waits for the device
+        out = launched.out
         lps = out.logprobs.tolist() if out.logprobs is not None else None
-        for i, (req, tok) in enumerate(zip(done, ids)):
+        done = []
+        for i, (req, tok) in enumerate(zip(launched.sampled, ids)):
+            if req.finished:  # finished (or aborted) while this step was in flight: its token is void
+                continue
             req.output_ids.append(tok)
             if lps is not None and (req.sampling_params.logprobs or req.sampling_params.top_logprobs):
                 req.output_logprobs.append(lps[i])
@@ -274,11 +329,13 @@ class Scheduler:
             self.stats.generation_tokens_total += 1
             self._check_finished(req, tok)
             if req.finished:
-                if req in self.running:
-                    self.running.remove(req)
+                for queue in (self.running, self.waiting):  # waiting: retracted while in flight
+                    if req in queue:
+                        queue.remove(req)
                 self._release(req)
-            elif not is_decode:
-                self.running.append(req)
+            elif not launched.is_decode:
+                self.running.append(req)  # prefill done: decode from the next step
+            done.append(req)
         return done
 
     def _check_finished(self, req: Req, tok: int) -> None:

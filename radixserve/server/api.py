@@ -14,9 +14,9 @@ import hmac
 import importlib.metadata
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from fastapi import FastAPI, Request
@@ -37,6 +37,7 @@ from radixserve.server.protocol import (
 )
 from radixserve.server.tokenizer_manager import RequestError, TokenizerManager
 
+T = TypeVar("T")
 DISCONNECT_POLL_S = 0.5
 HEALTH_TIMEOUT_S = 20.0
 _UNION_TAGS = {"str", "int", "float", "bool"}
@@ -124,26 +125,27 @@ async def prime(gen: Gen, n: int) -> list[tuple[int, StrOut]]:
     return first
 
 
-async def collect(gen: Gen, n: int, request: Request) -> list[Choice]:
-    """Run a non-streamed request to the end, aborting it if the client disconnects meanwhile (a plain
-    handler is not cancelled on disconnect the way a streaming response is)."""
+async def collect(gen: Gen, n: int) -> list[Choice]:
     choices = [Choice() for _ in range(n)]
+    async for i, out in gen:
+        choices[i].add(out)
+    return choices
 
-    async def run() -> None:
-        async for i, out in gen:
-            choices[i].add(out)
 
-    task = asyncio.create_task(run())
+async def unless_disconnected(coro: Coroutine[Any, Any, T], request: Request) -> T:
+    """Await `coro`, cancelling it if the client goes away meanwhile. A handler is not cancelled on
+    disconnect the way a streaming response is, so without this a non-streamed request (or a stream still
+    waiting for its first token) would run to the end for nobody. Cancelling the generator inside `coro`
+    aborts its requests."""
+    task = asyncio.ensure_future(coro)
     try:
         while not task.done():
             await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
             if not task.done() and await request.is_disconnected():
-                task.cancel()
                 raise RequestError("client disconnected", 499, None, "client_closed_request")
-        task.result()
+        return task.result()
     finally:
         task.cancel()
-    return choices
 
 
 class ApiKeyMiddleware:
@@ -211,8 +213,8 @@ class Api:
         gen = self.tm.generate(rid, prompts, params)
         try:
             if stream:
-                return gen, await prime(gen, len(prompts))
-            return await collect(gen, len(prompts), request)
+                return gen, await unless_disconnected(prime(gen, len(prompts)), request)
+            return await unless_disconnected(collect(gen, len(prompts)), request)
         except RequestError as e:
             e.param = e.param or (param if e.status == 400 else None)
             raise

@@ -111,6 +111,10 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
     server: list[_Server] = []
 
     def shutdown() -> None:
+        """Abort every request first, so open streams end with finish_reason "abort" and [DONE] instead of
+        a dropped connection, then let uvicorn close."""
+        if not stop.is_set() and not tm.dead:
+            tm.abort()
         stop.set()
         for s in server:
             s.force_exit = s.should_exit  # a second Ctrl-C skips the graceful wait

@@ -39,15 +39,16 @@ def test_logits_and_teacher_forced_top1(pair):
     sched.add_request(req)
     batch = sched._schedule_prefill()
     ours = [engine.runner.forward(batch, is_decode=False)[0].float()]
-    for r in batch:
-        r.kv_len += r.extend_len
+    req.kv_len += req.extend_len
     sched.running.append(req)
     for i in range(FORCED):
         req.output_ids.append(seq[PROMPT + i])  # teacher forcing: feed the reference token
+        engine.runner.last_token[req.req_pool_idx] = seq[PROMPT + i]
         batch = sched._schedule_decode()
         ours.append(engine.runner.forward(batch, is_decode=True)[0].float())
         req.kv_len += 1
     assert engine.runner.used_graph, "decode did not replay a CUDA graph"
+    sched.abort(req.rid)
     ours_t = torch.stack(ours)  # logits predicting positions PROMPT .. PROMPT+FORCED
     ref_t = ref[PROMPT - 1:PROMPT + FORCED]
     rel = ((ours_t[0] - ref_t[0]).norm() / ref_t[0].norm()).item()

@@ -46,8 +46,9 @@ def make_case(prefix_lens: list[int], extend_lens: list[int], heads: int, kv_hea
     pages_needed = [math.ceil(s / page_size) for s in seq]
     num_pages = sum(pages_needed) + 3  # page 0 = padding, plus some unused ones
     pool = KVPool(1, num_pages * page_size, kv_heads, head_dim, dtype, device)
-    pool.k[0].copy_(torch.randn(pool.k[0].shape, generator=g).to(dtype))
-    pool.v[0].copy_(torch.randn(pool.v[0].shape, generator=g).to(dtype))
+    gd = torch.Generator(device=device).manual_seed(seed)  # values drawn on the device: fast for big pools
+    pool.k[0].copy_(torch.randn(pool.k[0].shape, generator=gd, device=device))
+    pool.v[0].copy_(torch.randn(pool.v[0].shape, generator=gd, device=device))
     ctx = max(seq) + 5
     rows = (torch.randperm(B + 3, generator=g)[:B] + 1).tolist()  # not 0..B-1, not in order
     r2t = torch.zeros((B + 4, ctx), dtype=torch.int64)
@@ -68,7 +69,7 @@ def make_case(prefix_lens: list[int], extend_lens: list[int], heads: int, kv_hea
         req_rows=rows_t.to(device), seq_lens=(prefix + extend).to(device), prefix_lens=prefix.to(device),
         extend_lens=extend.to(device), logits_idx=(torch.cumsum(extend, 0) - 1).to(device),
         max_seq_len=max(seq), max_extend_len=max(extend_lens), kv_pool=pool, req_to_token=r2t.to(device))
-    q = torch.randn((positions.numel(), heads, head_dim), generator=g).to(device=device, dtype=dtype)
+    q = torch.randn((positions.numel(), heads, head_dim), generator=gd, device=device).to(dtype)
     return Case(fb, q, Attention(0, heads, kv_heads, head_dim, window))
 
 
