@@ -103,6 +103,7 @@ def test_logits_close_to_hf(engine, prompts, hf_model):
         batch = sched._schedule_prefill()
         ours = engine.runner.forward(batch, is_decode=False)[0]
         req.kv_len += req.extend_len
+        sched.running.append(req)
         sched.abort(req.rid)
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0, -1].float()

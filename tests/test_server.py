@@ -157,6 +157,19 @@ def test_stop_string_cuts_exactly(client: openai.OpenAI, model: str, greedy_comp
     assert "".join(c.choices[0].text for c in client.completions.create(**kw, stream=True) if c.choices) == full
 
 
+def test_stop_token_ids_and_sglang_extras(client: openai.OpenAI, model: str) -> None:
+    """Every documented field is accepted; a stop token ends the answer and is not part of its text."""
+    paris = 7042  # " Paris" in SmolLM2's vocab; the greedy answer is "The capital of France is Paris."
+    r = client.chat.completions.create(
+        model=model, messages=CHAT, max_completion_tokens=16, temperature=0, top_p=0.9, seed=1, presence_penalty=0.1,
+        frequency_penalty=0.1, user="test", stop=["never"],
+        extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.0, "ignore_eos": False,
+                    "stop_token_ids": [paris], "skip_special_tokens": True})
+    c = r.choices[0]
+    assert (c.message.content, c.finish_reason) == ("The capital of France is", "stop")
+    assert c.model_extra["matched_stop"] == paris and r.usage.completion_tokens == 6
+
+
 def test_n2_with_seed_is_reproducible(client: openai.OpenAI, model: str) -> None:
     kw = {"model": model, "messages": [{"role": "user", "content": "Write a one-line poem about the sea."}],
           "n": 2, "max_tokens": 8, "temperature": 1.0, "seed": 1234}

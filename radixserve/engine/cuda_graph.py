@@ -36,6 +36,9 @@ class CudaGraphRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
         self.pool = None
+        if hasattr(runner.attn, "reserve_decode"):  # scratch must not be (re)allocated during capture
+            layer = runner.model.model.layers[0].self_attn.attn
+            runner.attn.reserve_decode(max_bs, layer.num_heads, layer.num_kv_heads, layer.head_dim, dev)
         self._capture_all()
 
     def _fb(self, bs: int) -> ForwardBatch:

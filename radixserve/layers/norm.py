@@ -1,8 +1,10 @@
-"""RMSNorm, with the residual add fused into the same call (as the GPU kernel will do)."""
+"""RMSNorm, with the residual add fused into the same call (one Triton kernel on GPU)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from radixserve.kernels.fused import rmsnorm
 
 
 class RMSNorm(nn.Module):
@@ -11,13 +13,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * xf.to(x.dtype)) if x.dtype != torch.float32 else self.weight * xf
-
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is None:
-            return self._norm(x)
-        x = x + residual
-        return self._norm(x), x
+        """normed(x), or (normed(x + residual), x + residual) when a residual is given."""
+        return rmsnorm(x, self.weight, self.eps, residual)

@@ -6,6 +6,8 @@ import math
 import torch
 from torch import nn
 
+from radixserve.kernels.fused import rotary_
+
 
 def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
     base = rope.get("rope_theta", 10000.0)
@@ -35,11 +37,6 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
-
-    @staticmethod
-    def _apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; rotated in place (one kernel on GPU)."""
+        rotary_(positions, q, k, self.cos_sin)
+        return q, k

@@ -9,7 +9,7 @@ from torch import nn
 
 from radixserve.distributed.group import TPGroup
 from radixserve.engine.forward_batch import ForwardBatch
-from radixserve.layers.activation import silu_and_mul
+from radixserve.kernels.fused import silu_and_mul
 from radixserve.layers.attention import Attention
 from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
