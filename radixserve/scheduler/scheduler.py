@@ -36,6 +36,7 @@ class Launched:
     sampled: list[Req]
     out: SampleOutput | None
     ids_cpu: torch.Tensor | None
+    copied: "torch.cuda.Event | None" = None
 
 
 INIT_NEW_TOKEN_RATIO = 0.7
@@ -163,7 +164,12 @@ class Scheduler:
             logits = logits[to_device(rows, self.runner.device)]
         out = self.sampler.sample(logits, sampled)
         self.runner.last_token[to_device([r.req_pool_idx for r in sampled], self.runner.device)] = out.next_token_ids
-        return Launched(batch, is_decode, sampled, out, out.next_token_ids.to("cpu", non_blocking=True))
+        ids_cpu = out.next_token_ids.to("cpu", non_blocking=True)
+        done = None
+        if ids_cpu.device != out.next_token_ids.device:  # a non-blocking D2H copy is only valid after this
+            done = torch.cuda.Event()
+            done.record()
+        return Launched(batch, is_decode, sampled, out, ids_cpu, done)
 
     def _schedule_prefill(self) -> list[Req]:
         reserve = sum(reserved_tokens(r, self.new_token_ratio) for r in self.running)
@@ -315,7 +321,9 @@ class Scheduler:
     def _process(self, launched: "Launched") -> list[Req]:
         if not launched.sampled:
             return []
-        ids = launched.ids_cpu.tolist()  # waits for the device
+        if launched.copied is not None:
+            launched.copied.synchronize()  # the only wait for the device in a step
+        ids = launched.ids_cpu.tolist()
         out = launched.out
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         done = []
