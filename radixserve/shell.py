@@ -9,6 +9,7 @@ Decoding is greedy: answers are reproducible, and small models answer best witho
 """
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from typing import TextIO
@@ -69,15 +70,21 @@ class Shell:
         req, sched = Req(ids, sp), self.engine.scheduler
         sched.add_request(req)
         detok, done, start = IncrementalDetokenizer(self.engine.tokenizer), 0, time.perf_counter()
+        # Ctrl-C only raises a flag: a KeyboardInterrupt inside a forward pass would leave the scheduler's
+        # bookkeeping half-updated, so the answer stops between two steps instead.
+        stop = []
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.append(True))
         try:
-            while not req.finished:
+            while not req.finished and not stop:
                 if req in sched.step():
                     new = req.output_ids[done:]
                     done = len(req.output_ids)
                     if ends_with_stop_token(req):
                         new = new[:-1]
                     self.say(detok.add(new, final=req.finished), end="")
-        except KeyboardInterrupt:
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if not req.finished:
             sched.abort(req.rid)
             self.say(" [stopped]", end="")
         reply = self.engine.output_text(req) if req.finish_reason and req.finish_reason.value != "abort" \

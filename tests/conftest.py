@@ -99,7 +99,8 @@ def wait_healthy(server: Server, timeout: float = STARTUP_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {server.proc.returncode} during start-up:\n{server.log()[-5000:]}")
+            code = server.proc.returncode
+            raise RuntimeError(f"server exited with {code} during start-up:\n{server.log()[-5000:]}")
         try:
             with urllib.request.urlopen(server.base_url + "/health", timeout=2) as r:
                 if r.status == 200:

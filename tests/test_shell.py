@@ -5,6 +5,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,8 @@ class Terminal:
         while token not in self.buf:
             if time.monotonic() > deadline or self.proc.poll() is not None and not self._pending():
                 self.log.seek(0)
-                raise AssertionError(f"no {token!r} in {self.buf[-2000:]!r}\nstderr: {self.log.read()[-3000:]!r}")
+                err = self.log.read()[-3000:]
+                raise AssertionError(f"no {token!r} in {self.buf[-2000:]!r}\nstderr: {err!r}")
             if self._pending(0.2):
                 try:
                     self.buf += os.read(self.fd, 4096)
@@ -77,6 +79,11 @@ def test_shell_chat_reset_exit() -> None:
         assert "[history cleared]" in term.read_until(PROMPT)
         _, after_reset = term.ask("What is the capital of France?")
         assert after_reset == first_prompt
+        term.send("Write a long story about a dragon.")
+        term.read_until(b"dragon.\r\n")  # the terminal's echo of the line
+        term.read_until(b" ")  # the answer has started streaming
+        term.proc.send_signal(signal.SIGINT)  # what Ctrl-C does
+        assert "[stopped]" in term.read_until(PROMPT)
         term.send("/exit")
         assert term.proc.wait(30) == 0
     finally:

@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
     engine = Engine(args)
     tok, sched = engine.tokenizer, engine.scheduler
-    special = set(tok.all_special_ids) | set(engine.runner.cfg.eos_token_ids)
-    vocab = [i for i in range(min(engine.runner.cfg.vocab_size, len(tok))) if i not in special]
+    special = set(tok.all_special_ids if tok else []) | set(engine.runner.cfg.eos_token_ids)
+    size = engine.runner.cfg.vocab_size if tok is None else min(engine.runner.cfg.vocab_size, len(tok))
+    vocab = [i for i in range(size) if i not in special]
     work = make_workload(b, vocab, args.seed)
 
     run(engine, [(vocab[:16], 4), (vocab[16:40], 4)])  # warm-up: allocator, kernels, first-call overheads

@@ -1,7 +1,8 @@
 """Online serving benchmark against any OpenAI-compatible server (SGLang's bench_serving, random dataset).
 
     python -m radixserve.bench.serving --base-url http://127.0.0.1:1919 --num-prompts 16 \
-        --random-input-len 128 --random-output-len 32 [--request-rate 4] [--max-concurrency 8] [--output r.json]
+        --random-input-len 128 --random-output-len 32 [--request-rate 4] [--max-concurrency 8] \
+        [--output r.json]
 
 Each request streams /v1/completions (greedy, `ignore_eos` so every output reaches its length; pass
 --disable-ignore-eos for servers that reject the field). Prompts are random token ids (lengths uniform in
@@ -210,9 +211,10 @@ def print_report(m: dict[str, Any]) -> None:
     row("Output token throughput (tok/s):", m["output_throughput"])
     row("Total token throughput (tok/s):", m["total_throughput"])
     row("Concurrency:", m["concurrency"])
-    for title, key, pcts in (("End-to-End Latency", "e2e_latency", ("99",)), ("Time to First Token", "ttft", ("99",)),
-                             ("Time per Output Token (excl. 1st token)", "tpot", ("99",)),
-                             ("Inter-Token Latency", "itl", ("95", "99"))):
+    sections = (("End-to-End Latency", "e2e_latency", ("99",)), ("Time to First Token", "ttft", ("99",)),
+                ("Time per Output Token (excl. 1st token)", "tpot", ("99",)),
+                ("Inter-Token Latency", "itl", ("95", "99")))
+    for title, key, pcts in sections:
         print("{s:{c}^50}".format(s=title, c="-"))
         abbr = {"e2e_latency": "E2E Latency"}.get(key, key.upper())
         row(f"Mean {abbr} (ms):", m[f"mean_{key}_ms"])
@@ -239,7 +241,8 @@ def run_benchmark(args: BenchArgs) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None = None) -> BenchArgs:
     d = BenchArgs()
-    p = argparse.ArgumentParser(prog="python -m radixserve.bench.serving", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m radixserve.bench.serving",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--base-url", default=None, help=f"Server URL (default {d.base_url}, or --host/--port).")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=1919)
@@ -256,9 +259,11 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     p.add_argument("--max-concurrency", type=int, default=None, help="At most this many requests in flight.")
     p.add_argument("--prompt-format", choices=["ids", "text"], default=d.prompt_format,
                    help="Send prompts as token-id lists (exact lengths) or as decoded text.")
-    p.add_argument("--tokenizer", help="HF tokenizer dir or .gguf for the vocab (default: the bundled model's).")
+    p.add_argument("--tokenizer", help="HF tokenizer dir or .gguf for the vocab and text prompts (default: "
+                   "radixserve's /get_model_info vocab size, else the bundled model's tokenizer).")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--disable-ignore-eos", action="store_true", help="Do not send ignore_eos (strict servers).")
+    p.add_argument("--disable-ignore-eos", action="store_true",
+                   help="Do not send ignore_eos (for servers that reject it).")
     p.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
     p.add_argument("--output", "--output-file", dest="output", help="Write the metrics as JSON here.")
     ns = vars(p.parse_args(argv))

@@ -50,8 +50,8 @@ class Detokenizer:
         for o in batch.outs:
             st = self.states.get(o.rid)
             if st is None:
-                st = self.states[o.rid] = _State(IncrementalDetokenizer(self.tokenizer, o.skip_special_tokens),
-                                                 o.stop)
+                detok = IncrementalDetokenizer(self.tokenizer, o.skip_special_tokens)
+                st = self.states[o.rid] = _State(detok, o.stop)
             finished = o.finish_reason is not None
             st.detok.add(o.new_ids[:-1] if o.drop_last else o.new_ids, final=finished)
             text, matched = st.detok.text, None
@@ -67,8 +67,8 @@ class Detokenizer:
             st.sent = max(st.sent, end)
             if finished:
                 del self.states[o.rid]
-            outs.append(m.StrOut(o.rid, delta, o.new_ids, o.prompt_tokens, o.cached_tokens, o.completion_tokens,
-                                 o.finish_reason, matched, o.logprobs, o.top_logprobs))
+            outs.append(m.StrOut(o.rid, delta, o.new_ids, o.prompt_tokens, o.cached_tokens,
+                                 o.completion_tokens, o.finish_reason, matched, o.logprobs, o.top_logprobs))
         return m.BatchStrOut(outs)
 
 

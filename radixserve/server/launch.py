@@ -77,7 +77,8 @@ def launch_server(args: ServerArgs) -> None:
     addrs = Addresses(tempfile.mkdtemp(prefix="radixserve-"))
     ctx = mp.get_context("spawn")
     procs = {
-        "scheduler": ctx.Process(target=run_scheduler, args=(args, addrs, os.getpid()), name="radixserve-scheduler"),
+        "scheduler": ctx.Process(target=run_scheduler, args=(args, addrs, os.getpid()),
+                                 name="radixserve-scheduler"),
         "detokenizer": ctx.Process(target=run_detokenizer, args=(args.log_level, addrs, os.getpid()),
                                    name="radixserve-detokenizer"),
     }
@@ -103,7 +104,8 @@ def stop_children(procs: dict[str, BaseProcess]) -> None:
             p.join(CHILD_JOIN_S)
 
 
-async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProcess], sock: socket.socket) -> int:
+async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProcess],
+                 sock: socket.socket) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failures: list[str] = []
@@ -149,8 +151,9 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
             return 1 if failures else 0
         recv = asyncio.ensure_future(tm.recv_loop())
         pids = {"api_server": os.getpid(), **{name: p.pid for name, p in procs.items()}}
-        config = uvicorn.Config(create_app(tm, args, pids), log_config=None, log_level="warning", access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=TIMEOUT_GRACEFUL_S)
+        app = create_app(tm, args, pids)
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=TIMEOUT_GRACEFUL_S)
         server.append(_Server(config))
         serving = asyncio.ensure_future(server[0].serve(sockets=[sock]))
         while not server[0].started and not serving.done():

@@ -114,8 +114,9 @@ def ends_with_stop_token(req: Req) -> bool:
 
 def memory_info(engine: Engine) -> dict:
     r = engine.runner
-    return {"max_total_num_tokens": r.memory.max_total_num_tokens, "max_running_requests": r.max_running_requests,
-            "context_len": r.context_len, "available_gpu_mem": round(r.memory.available_mem_gb, 2),
+    return {"max_total_num_tokens": r.memory.max_total_num_tokens,
+            "max_running_requests": r.max_running_requests, "context_len": r.context_len,
+            "available_gpu_mem": round(r.memory.available_mem_gb, 2),
             "vocab_size": r.cfg.vocab_size, "model_path": engine.src.path}
 
 
@@ -128,7 +129,8 @@ def run_scheduler(args: ServerArgs, addrs: m.Addresses, parent_pid: int) -> None
         tok_dir = os.path.join(addrs.run_dir, "tokenizer")
         engine.tokenizer.save_pretrained(tok_dir)
         ctx = zmq.Context()
-        recv, to_detok, to_api = pull(ctx, addrs.scheduler), push(ctx, addrs.detokenizer), push(ctx, addrs.api)
+        recv, to_api = pull(ctx, addrs.scheduler), push(ctx, addrs.api)
+        to_detok = push(ctx, addrs.detokenizer)
         to_detok.send(m.encode(m.DetokInit(tok_dir)))
         to_api.send(m.encode(m.Ready(tok_dir, engine.model_name, memory_info(engine))))
         SchedulerLoop(engine, recv, to_detok, to_api).run()

@@ -32,10 +32,14 @@ CONTROL_TIMEOUT_S = 30.0
 class RequestError(Exception):
     """Becomes an OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:
+    def __init__(self, message: str, status: int = 400, param: str | None = None,
+                 code: str | None = "invalid_value", type: str = "invalid_request_error") -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code, self.type = message, status, param, code, type
+
+    @classmethod
+    def server(cls, message: str, status: int = 500) -> RequestError:
+        return cls(message, status, None, "server_error", "server_error")
 
 
 class TokenizerManager:
@@ -85,15 +89,15 @@ class TokenizerManager:
         """A child process died: every waiting request ends now with a 500 instead of hanging."""
         self.dead = reason
         for q, i in list(self.queues.values()):
-            q.put_nowait((i, RequestError(reason, 500, None, "server_error", "server_error")))
+            q.put_nowait((i, RequestError.server(reason)))
         for fut in self.control.values():
             if not fut.done():
-                fut.set_exception(RequestError(reason, 500, None, "server_error", "server_error"))
+                fut.set_exception(RequestError.server(reason))
         self.control.clear()
 
     def _check_alive(self) -> None:
         if self.dead:
-            raise RequestError(self.dead, 503, None, "server_error", "server_error")
+            raise RequestError.server(self.dead, 503)
 
     # ---- generation ---------------------------------------------------------------------------------
     async def generate(self, rid: str, prompts: list[list[int]], params: list[SamplingParams]
@@ -149,7 +153,7 @@ class TokenizerManager:
         try:
             return await asyncio.wait_for(fut, CONTROL_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise RequestError("the scheduler did not answer in time", 503, None, "server_error", "server_error")
+            raise RequestError.server("the scheduler did not answer in time", 503)
         finally:
             self.control.pop(req_id, None)
 

@@ -82,8 +82,13 @@ def load_tokenizer(src: ModelSource, tokenizer_path: str | None = None) -> Any:
     if tokenizer_path:
         return AutoTokenizer.from_pretrained(tokenizer_path)
     if src.kind == "preset":
+        try:
+            src = ModelSource("gguf", bundled_model_path())
+        except FileNotFoundError:
+            logger.warning("preset %s has no tokenizer and the bundled one is not installed: token ids only",
+                           src.name)
+            return None
         logger.warning("preset %s has no tokenizer: using the bundled SmolLM2 tokenizer", src.name)
-        src = ModelSource("gguf", bundled_model_path())
     if src.kind == "gguf":
         from radixserve.weights.gguf_loader import load_gguf_tokenizer
         return load_gguf_tokenizer(src.path)

@@ -1,0 +1,216 @@
+"""What every endpoint shares: OpenAI error bodies, SSE framing, and submitting a request to the
+TokenizerManager so that a refusal is a 400 (even for a stream) and a vanished client aborts its work.
+
+Streamed and non-streamed responses are built from the same detokenizer deltas, so greedy streamed text
+concatenates to exactly the non-streamed text.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import msgspec
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response, StreamingResponse
+
+from radixserve.args import ServerArgs
+from radixserve.core import SamplingParams
+from radixserve.server.messages import StrOut
+from radixserve.server.tokenizer_manager import RequestError, TokenizerManager
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.5
+_UNION_TAGS = {"str", "int", "float", "bool"}
+
+
+# ---- responses and errors -------------------------------------------------------------------------------
+def json_response(obj: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(obj), status_code=status, media_type="application/json")
+
+
+def error_response(e: RequestError) -> Response:
+    return json_response({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
+                         e.status)
+
+
+def from_validation_error(exc: RequestValidationError) -> RequestError:
+    """The first pydantic error as a sentence that names the parameter, with OpenAI's codes."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+    path = ".".join(loc)
+    param, kind = (loc[0] if loc else None), err["type"]
+    if kind == "json_invalid":
+        reason = err.get("ctx", {}).get("error", err["msg"])
+        return RequestError(f"Invalid JSON body: {reason}.", code="invalid_json")
+    if kind == "missing":
+        if not loc:
+            return RequestError("A JSON request body is required.", code="missing_required_parameter")
+        return RequestError(f"Missing required parameter: '{path}'.", param=param,
+                            code="missing_required_parameter")
+    if kind == "extra_forbidden":
+        return RequestError(f"Unsupported parameter: '{path}' is not supported by radixserve.", param=param,
+                            code="unsupported_parameter")
+    code = "invalid_type" if kind.endswith("_type") or kind.startswith("model_") else "invalid_value"
+    return RequestError(f"Invalid value for '{path or 'body'}': {err['msg']}.", param=param, code=code)
+
+
+def from_value_error(e: ValueError, renames: dict[str, str] | None = None) -> RequestError:
+    """SamplingParams.validate names the field first ("top_p must be in (0, 1], got 2")."""
+    word = str(e).split(" ", 1)[0]
+    param = (renames or {}).get(word, word) if word.isidentifier() else None
+    return RequestError(str(e), param=param, code="invalid_value")
+
+
+def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Choice:
+    """One choice's output, accumulated from its StrOut deltas."""
+    text: str = ""
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    matched: int | str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+    def add(self, o: StrOut) -> None:
+        self.text += o.text
+        self.ids += o.new_ids
+        self.logprobs += o.logprobs or []
+        self.top_logprobs += o.top_logprobs or []
+        self.finish_reason, self.matched = o.finish_reason, o.matched
+        self.prompt_tokens, self.cached_tokens = o.prompt_tokens, o.cached_tokens
+
+
+Gen = AsyncIterator[tuple[int, StrOut]]
+
+
+async def prime(gen: Gen, n: int) -> list[tuple[int, StrOut]]:
+    """Wait for every choice's first output before a stream starts: a request the scheduler refuses must
+    still get a 400 status, which cannot be sent once SSE headers are out."""
+    first: list[tuple[int, StrOut]] = []
+    while len({i for i, _ in first}) < n:
+        first.append(await gen.__anext__())
+    return first
+
+
+async def collect(gen: Gen, n: int) -> list[Choice]:
+    choices = [Choice() for _ in range(n)]
+    async for i, out in gen:
+        choices[i].add(out)
+    return choices
+
+
+async def unless_disconnected(coro: Coroutine[Any, Any, T], request: Request) -> T:
+    """Await `coro`, cancelling it if the client goes away meanwhile. A handler is not cancelled on
+    disconnect the way a streaming response is, so without this a non-streamed request (or a stream still
+    waiting for its first token) would run to the end for nobody. Cancelling the generator inside `coro`
+    aborts its requests."""
+    task = asyncio.ensure_future(coro)
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                raise RequestError("client disconnected", 499, None, "client_closed_request")
+        return task.result()
+    finally:
+        task.cancel()
+
+
+async def chain(first: list[tuple[int, StrOut]], gen: Gen) -> Gen:
+    for item in first:
+        yield item
+    async for item in gen:
+        yield item
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version("radixserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class ApiBase:
+    """State and helpers shared by the OpenAI and the native endpoints."""
+
+    def __init__(self, tm: TokenizerManager, args: ServerArgs) -> None:
+        assert tm.ready is not None
+        self.tm, self.args, self.info = tm, args, tm.ready.info
+        self.tokenizer = tm.tokenizer
+        self.model_name = tm.ready.model_name
+        self.model_names = {n for n in (self.model_name, args.served_model_name, args.model) if n}
+        self.max_len = min(self.info["context_len"], self.info["max_total_num_tokens"])
+        self.created = int(time.time())
+        self._tok_str: dict[int, str] = {}
+
+    # ---- shared helpers ----
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in self.model_names:
+            raise RequestError(f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
+                               404, "model", "model_not_found")
+
+    def token_str(self, tid: int) -> str:
+        s = self._tok_str.get(tid)
+        if s is None:
+            s = self._tok_str[tid] = self.tokenizer.decode([tid])
+        return s
+
+    def check_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.info["vocab_size"]
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is out of range [0, {vocab})", param=param)
+        return ids
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        return max(self.max_len - prompt_len, 1)
+
+    def params(self, make: Callable[[int], SamplingParams], n: int, renames: dict[str, str]
+               ) -> list[SamplingParams]:
+        try:
+            return [make(i) for i in range(n)]
+        except ValueError as e:
+            raise from_value_error(e, renames) from None
+
+    async def submit(self, rid: str, prompts: list[list[int]], params: list[SamplingParams], stream: bool,
+                     request: Request, param: str) -> tuple[Gen, list[tuple[int, StrOut]]] | list[Choice]:
+        """Start the requests; for a stream return the generator and its primed first outputs, else the
+        finished choices. Scheduler refusals surface here as RequestError naming `param`."""
+        gen = self.tm.generate(rid, prompts, params)
+        try:
+            if stream:
+                return gen, await unless_disconnected(prime(gen, len(prompts)), request)
+            return await unless_disconnected(collect(gen, len(prompts)), request)
+        except RequestError as e:
+            e.param = e.param or (param if e.status == 400 else None)
+            raise
+
+    def stream(self, events: AsyncIterator[bytes]) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for e in events:
+                    yield e
+            except RequestError as e:  # the server is going down mid-stream
+                yield sse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+            yield SSE_DONE
+        return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+

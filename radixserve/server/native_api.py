@@ -1,0 +1,117 @@
+"""SGLang's native API: /generate, and the control endpoints behind /health_generate, /get_model_info and
+/get_server_info."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from radixserve.args import ServerArgs
+from radixserve.core import SamplingParams
+from radixserve.server.base import ApiBase, Choice, chain, json_response, sse, version
+from radixserve.server.protocol import GenerateRequest, stop_list
+from radixserve.server.tokenizer_manager import RequestError, TokenizerManager
+
+HEALTH_TIMEOUT_S = 20.0
+
+
+class NativeApi(ApiBase):
+    def __init__(self, tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> None:
+        """`pids`: the server's processes by role, reported by /get_server_info (operators and tests find
+        the scheduler there)."""
+        super().__init__(tm, args)
+        self.pids = pids
+
+    # ---- /generate (SGLang native) ----
+    async def generate(self, body: GenerateRequest, request: Request) -> Response:
+        if (body.text is None) == (body.input_ids is None):
+            raise RequestError("pass exactly one of `text` and `input_ids`", param="text")
+        src = body.text if body.text is not None else body.input_ids
+        batch = isinstance(src, list) and (body.text is not None or (bool(src) and isinstance(src[0], list)))
+        if body.text is not None:
+            prompts = [self.tokenizer.encode(t) for t in (src if batch else [src])]
+        else:
+            prompts = [self.check_ids(p, "input_ids") for p in (src if batch else [src])]
+        if not prompts or any(not p for p in prompts):
+            raise RequestError("the prompt is empty", param="text" if body.text is not None else "input_ids",
+                               code="invalid_value")
+        sp, n = body.sampling_params, body.sampling_params.n
+        fields = {f: getattr(sp, f) for f in sp.model_fields if f not in ("n", "stop", "stop_token_ids")}
+
+        def make(i: int) -> SamplingParams:
+            return SamplingParams(**{**fields, "seed": None if sp.seed is None else sp.seed + i % n},
+                                  stop=stop_list(sp.stop), stop_token_ids=sp.stop_token_ids or [],
+                                  logprobs=body.return_logprob,
+                                  top_logprobs=body.top_logprobs_num if body.return_logprob else 0)
+
+        params = self.params(make, n * len(prompts), {})
+        flat = [p for p in prompts for _ in range(n)]
+        rid, start = body.rid or uuid.uuid4().hex, time.perf_counter()
+        res = await self.submit(rid, flat, params, body.stream, request, "text")
+        rids = [rid] if len(flat) == 1 else [f"{rid}-{i}" for i in range(len(flat))]
+
+        def result(i: int, c: Choice) -> dict:
+            meta: dict[str, Any] = {
+                "id": rids[i], "finish_reason": self.native_finish(c, params[i]),
+                "prompt_tokens": len(flat[i]), "completion_tokens": len(c.ids),
+                "cached_tokens": c.cached_tokens, "e2e_latency": time.perf_counter() - start}
+            if body.return_logprob:
+                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.logprobs, c.ids)]
+                meta["output_top_logprobs"] = [[[lp, t, None] for t, lp in row] for row in c.top_logprobs]
+            return {"text": c.text, "output_ids": c.ids, "meta_info": meta}
+
+        if not body.stream:
+            out = [result(i, c) for i, c in enumerate(res)]
+            return json_response(out if len(out) > 1 or batch else out[0])
+        gen, first = res
+
+        async def events() -> AsyncIterator[bytes]:
+            acc = [Choice() for _ in flat]
+            async for i, o in chain(first, gen):
+                acc[i].add(o)
+                yield sse({**result(i, acc[i]), "index": i} if len(flat) > 1 else result(i, acc[i]))
+
+        return self.stream(events())
+
+    @staticmethod
+    def native_finish(c: Choice, sp: SamplingParams) -> dict | None:
+        if c.finish_reason is None:
+            return None
+        if c.finish_reason == "length":
+            return {"type": "length", "length": sp.max_new_tokens}
+        if c.finish_reason == "abort":
+            return {"type": "abort", "message": "aborted"}
+        return {"type": "stop", "matched": c.matched}
+
+    # ---- native control endpoints ----
+    async def health_generate(self) -> Response:
+        ids = self.tokenizer.encode("Hi") or [0]
+        sp = SamplingParams(max_new_tokens=1, temperature=0)
+        gen = self.tm.generate(f"health-{uuid.uuid4().hex}", [ids], [sp])
+
+        async def drain() -> None:
+            async for _ in gen:
+                pass
+        try:
+            await asyncio.wait_for(drain(), HEALTH_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError.server(f"no token generated within {HEALTH_TIMEOUT_S:.0f} s", 503) from None
+        return Response(status_code=200)
+
+    def model_info(self) -> dict:
+        return {"model_path": self.info["model_path"], "tokenizer_path": self.args.tokenizer_path or
+                self.info["model_path"], "served_model_name": self.model_name, "is_generation": True,
+                "context_length": self.info["context_len"], "vocab_size": self.info["vocab_size"]}
+
+    async def server_info(self) -> dict:
+        live = await self.tm.get_info()
+        return {**dataclasses.asdict(self.args), **self.info, "served_model_name": self.model_name,
+                "version": version(), "pids": self.pids, "internal_states": [live]}
+
+

@@ -1,0 +1,160 @@
+"""OpenAI API: /v1/chat/completions and /v1/completions (streamed or not, n choices, logprobs, echo,
+usage with cached tokens), plus SGLang's extra sampling fields."""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import Response
+from jinja2 import TemplateError
+
+from radixserve.server.base import ApiBase, chain, json_response, sse, usage
+from radixserve.server.messages import StrOut
+from radixserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from radixserve.server.tokenizer_manager import RequestError
+
+
+class OpenAIApi(ApiBase):
+    # ---- logprobs ----
+    def chat_logprobs(self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]]) -> dict:
+        def entry(t: int, lp: float) -> dict:
+            s = self.token_str(t)
+            return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+        tops = tops + [[]] * (len(ids) - len(tops))
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
+                            for t, lp, top in zip(ids, lps, tops)]}
+
+    def completion_logprobs(self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]],
+                            offset: int) -> dict:
+        toks = [self.token_str(t) for t in ids[:len(lps)]]
+        offsets = []
+        for s in toks:
+            offsets.append(offset)
+            offset += len(s)
+        top = [{self.token_str(a): b for a, b in row} for row in tops] if tops else None
+        return {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+    # ---- /v1/chat/completions ----
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        if body.top_logprobs and not body.logprobs:
+            raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
+        try:
+            out = self.tokenizer.apply_chat_template([msg.as_dict() for msg in body.messages],
+                                                     add_generation_prompt=True, tokenize=True)
+        except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. roles out of order
+            raise RequestError(f"the chat template rejected the messages: {e}", param="messages") from None
+        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+        max_new = body.max_completion_tokens or body.max_tokens or self.default_max_tokens(len(ids))
+        top = body.top_logprobs or 0
+        params = self.params(lambda i: body.sampling_params(max_new, body.logprobs, top, i), body.n,
+                             {"max_new_tokens": "max_tokens"})
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        res = await self.submit(rid, [ids] * body.n, params, body.stream, request, "messages")
+        head = {"id": rid, "created": created, "model": self.model_name}
+        if not body.stream:
+            choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                        "logprobs": self.chat_logprobs(c.ids, c.logprobs, c.top_logprobs) if body.logprobs
+                        else None, "finish_reason": c.finish_reason, "matched_stop": c.matched}
+                       for i, c in enumerate(res)]
+            total = usage(len(ids), sum(len(c.ids) for c in res), res[0].cached_tokens)
+            return json_response({**head, "object": "chat.completion", "choices": choices, "usage": total})
+        gen, first = res
+        head["object"] = "chat.completion.chunk"
+        extra = {"usage": None} if body.include_usage else {}
+
+        def chunk(i: int, delta: dict, o: StrOut | None = None) -> bytes:
+            lp = None
+            if o is not None and body.logprobs:
+                lp = self.chat_logprobs(o.new_ids, o.logprobs or [], o.top_logprobs or [])
+            return sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": lp,
+                                             "finish_reason": o.finish_reason if o else None}], **extra})
+
+        async def events() -> AsyncIterator[bytes]:
+            for i in range(body.n):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            completion, cached = 0, 0
+            async for i, o in chain(first, gen):
+                if o.text or o.finish_reason or (body.logprobs and o.new_ids):
+                    yield chunk(i, {"content": o.text} if o.text else {}, o)
+                if o.finish_reason:
+                    completion += o.completion_tokens
+                    cached = o.cached_tokens if i == 0 else cached
+            if body.include_usage:
+                yield sse({**head, "choices": [], "usage": usage(len(ids), completion, cached)})
+
+        return self.stream(events())
+
+    # ---- /v1/completions ----
+    def completion_prompts(self, prompt: Any) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompts = [self.tokenizer.encode(prompt)]
+        elif prompt and all(isinstance(p, int) for p in prompt):
+            prompts = [self.check_ids(prompt, "prompt")]
+        elif prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [self.tokenizer.encode(p) for p in prompt]
+        else:
+            prompts = [self.check_ids(p, "prompt") for p in prompt]
+        if not prompts or any(not p for p in prompts):
+            raise RequestError("prompt must not be empty", param="prompt", code="invalid_value")
+        return prompts
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        if body.best_of is not None and body.best_of != body.n:
+            raise RequestError("best_of other than n is not supported", param="best_of",
+                               code="unsupported_parameter")
+        if body.echo and body.logprobs is not None:
+            raise RequestError("echo with logprobs needs prompt logprobs, which radixserve does not compute",
+                               param="echo", code="unsupported_parameter")
+        prompts = self.completion_prompts(body.prompt)
+        n, want_lp = body.n, body.logprobs is not None
+        top = body.logprobs or 0
+        params = self.params(lambda i: body.sampling_params(body.max_tokens, want_lp, top, i % n),
+                             n * len(prompts), {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"})
+        flat = [p for p in prompts for _ in range(n)]
+        echo = [self.tokenizer.decode(p) if body.echo else "" for p in flat]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        res = await self.submit(rid, flat, params, body.stream, request, "prompt")
+        head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
+        n_prompt = sum(map(len, prompts))
+        if not body.stream:
+            choices = [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
+                        "logprobs": self.completion_logprobs(c.ids, c.logprobs, c.top_logprobs, 0) if want_lp
+                        else None, "matched_stop": c.matched} for i, c in enumerate(res)]
+            cached = sum(c.cached_tokens for i, c in enumerate(res) if i % n == 0)
+            return json_response({**head, "choices": choices,
+                                  "usage": usage(n_prompt, sum(len(c.ids) for c in res), cached)})
+        gen, first = res
+        extra = {"usage": None} if body.include_usage else {}
+
+        async def events() -> AsyncIterator[bytes]:
+            offsets = [len(e) for e in echo]
+            for i, e in enumerate(echo):
+                if e:
+                    choice = {"index": i, "text": e, "logprobs": None, "finish_reason": None}
+                    yield sse({**head, "choices": [choice], **extra})
+            completion, cached = 0, 0
+            async for i, o in chain(first, gen):
+                if not (o.text or o.finish_reason or (want_lp and o.new_ids)):
+                    continue
+                lp = self.completion_logprobs(o.new_ids, o.logprobs or [], o.top_logprobs or [], offsets[i]) \
+                    if want_lp else None
+                offsets[i] += len(o.text)
+                yield sse({**head, "choices": [{"index": i, "text": o.text, "logprobs": lp,
+                                                "finish_reason": o.finish_reason}], **extra})
+                if o.finish_reason:
+                    completion += o.completion_tokens
+                    cached += o.cached_tokens if i % n == 0 else 0
+            if body.include_usage:
+                yield sse({**head, "choices": [], "usage": usage(n_prompt, completion, cached)})
+
+        return self.stream(events())
+
+    def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "radixserve",
+             "root": self.info["model_path"], "max_model_len": self.info["context_len"]}]}
