@@ -10,7 +10,7 @@ has() { [[ ",$STAGES," == *",$1,"* ]]; }
 run() { echo "=== $*"; "$@" 2>&1 | grep -v "it/s\]\|tensor/s\]" | tail -n 40; }
 M8=llama-3.1-8b
 D="--load-format dummy"
-has test && run python -m pytest -q -x tests/gpu
+has test && run python -m pytest -q -rA tests/gpu
 has kernels && run python benchmarks/kernels_bench.py --output "$OUT/kernels_h100.json"
 has b1 && run python -m radixserve.bench.one_batch --model $M8 $D --batch-size 1 --input-len 128 --output-len 256 \
   --output "$OUT/one_batch_llama8b_bs1.json"

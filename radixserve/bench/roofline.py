@@ -24,6 +24,9 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout; copies without .git (the GPU host) pass it as GIT_COMMIT."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL,
                                        cwd=os.path.dirname(__file__)).strip()
