@@ -128,6 +128,13 @@ class Req:
         return self.finish_reason is not None
 
     @property
+    def ends_with_stop_token(self) -> bool:
+        """Stopped by a stop token id or EOS: that token is counted but not part of the text."""
+        ids, sp = self.output_ids, self.sampling_params
+        return (self.finish_reason == FinishReason.STOP and self.stop_text_len is None and bool(ids)
+                and (ids[-1] in sp.stop_token_ids or ids[-1] in self.eos_token_ids))
+
+    @property
     def decode_step(self) -> int:
         """Index of the output token being sampled now. Derived from the KV length, which the
         scheduler advances when it launches a step, so it is right even while the previous token

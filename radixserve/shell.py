@@ -19,7 +19,6 @@ from radixserve.core import Req, SamplingParams
 from radixserve.detokenizer import IncrementalDetokenizer
 from radixserve.engine.engine import Engine
 from radixserve.server.procs import setup_logging
-from radixserve.server.scheduler_process import ends_with_stop_token
 
 PROMPT = ">>> "
 MAX_NEW_TOKENS = 1024
@@ -79,7 +78,7 @@ class Shell:
                 if req in sched.step():
                     new = req.output_ids[done:]
                     done = len(req.output_ids)
-                    if ends_with_stop_token(req):
+                    if req.ends_with_stop_token:
                         new = new[:-1]
                     self.say(detok.add(new, final=req.finished), end="")
         finally:

@@ -19,6 +19,7 @@ import pytest
 from conftest import Server, descendants, start_server, wait_healthy
 
 from radixserve.bench.serving import BenchArgs, run_benchmark
+from radixserve.server.detokenizer import stop_holdback
 
 CHAT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 MSG = [{"role": "user", "content": "hi"}]
@@ -115,6 +116,14 @@ def model(client: openai.OpenAI) -> str:
 def greedy_completion(client: openai.OpenAI, model: str):
     return client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=0,
                                       extra_body={"ignore_eos": True})
+
+
+def test_stop_holdback() -> None:
+    """Streaming holds back exactly the tail that could still grow into a stop string."""
+    assert stop_holdback("Hello wor", ["world"]) == 3
+    assert stop_holdback("Hello w", ["world", "Hello"]) == 1
+    assert stop_holdback("Hello", ["xyz"]) == 0
+    assert stop_holdback("ab", ["abc", "b"]) == 2  # a whole stop ("b") is the scheduler's job, not held
 
 
 # ---- start-up ----------------------------------------------------------------------------------------

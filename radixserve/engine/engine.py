@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from radixserve.args import ServerArgs
-from radixserve.core import FinishReason, Req
+from radixserve.core import Req
 from radixserve.distributed.group import TPGroup
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.scheduler.scheduler import Scheduler
@@ -43,12 +43,8 @@ class Engine:
         """Final text: stop token ids are not part of it, and a stop string cuts it where it starts."""
         if req.detok is not None and req.stop_text_len is not None:
             return req.detok.text[:req.stop_text_len]
-        ids = req.output_ids
-        sp = req.sampling_params
-        if req.finish_reason == FinishReason.STOP and ids and (ids[-1] in sp.stop_token_ids
-                                                               or ids[-1] in req.eos_token_ids):
-            ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=sp.skip_special_tokens)
+        ids = req.output_ids[:-1] if req.ends_with_stop_token else req.output_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=req.sampling_params.skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
         ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)

@@ -33,7 +33,7 @@ class PrefillAdder:
         Returns False when the batch is full (stop trying further requests)."""
         if self.slots_left <= 0 or self.rem_chunk <= 0 or self.chunked is not None:
             return False
-        extend = len(req.fill_ids) - prefix_len
+        extend = req.seqlen - prefix_len
         if extend + min(req.remaining_new_tokens, CLIP_MAX_NEW_TOKENS) > self.rem_total:
             return False
         if extend > self.rem_input and self.admitted:

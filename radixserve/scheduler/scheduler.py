@@ -103,7 +103,7 @@ class Scheduler:
 
     def abort(self, rid: str) -> Req | None:
         """Drop a request wherever it is and free everything it holds."""
-        for queue in (self.waiting, self.running):
+        for queue in (self.waiting, self.running, self.early):
             for req in queue:
                 if req.rid == rid:
                     queue.remove(req)
@@ -156,7 +156,7 @@ class Scheduler:
                 self._cache_running(req)
         if is_decode:
             self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=self.runner.used_graph)
-        rows = [i for i, r in enumerate(batch) if r.kv_len >= len(r.fill_ids)]  # cut prompts sample nothing
+        rows = [i for i, r in enumerate(batch) if r.kv_len >= r.seqlen]  # cut prompts sample nothing
         sampled = [batch[i] for i in rows]
         if not sampled:
             return Launched(batch, is_decode, [], None, None)
@@ -174,7 +174,7 @@ class Scheduler:
     def _schedule_prefill(self) -> list[Req]:
         reserve = sum(reserved_tokens(r, self.new_token_ratio) for r in self.running)
         if self.chunked is not None:
-            reserve += len(self.chunked.fill_ids) - self.chunked.kv_len
+            reserve += self.chunked.seqlen - self.chunked.kv_len
         adder = PrefillAdder(
             rem_total=self.allocator.free_tokens + self.cache.evictable_size - reserve,
             rem_input=self.args.max_prefill_tokens, rem_chunk=self.args.chunked_prefill_size,
@@ -182,7 +182,7 @@ class Scheduler:
         batch: list[Req] = []
         if self.chunked is not None:  # continue the cut prompt before admitting anything new
             req, self.chunked = self.chunked, None
-            remaining = len(req.fill_ids) - req.kv_len
+            remaining = req.seqlen - req.kv_len
             req.extend_len = min(remaining, self.args.chunked_prefill_size)
             if req.extend_len < remaining:
                 req.extend_len = (req.kv_len + req.extend_len) // self.page_size * self.page_size - req.kv_len

@@ -5,19 +5,22 @@ main process: API server (FastAPI/uvicorn) + TokenizerManager (tokenize, route o
   ├─ scheduler process:   Engine (model runner + scheduler) driven by ZMQ  (scheduler_process.py)
   └─ detokenizer process: token ids → text deltas                          (detokenizer.py)
 ```
-Children are `spawn`ed (a forked copy of a process that has imported torch or started threads is
-unsafe). The main process binds the HTTP port first, so a port in use fails in milliseconds instead of
-after loading the model, and prints `API server is ready to serve on HOST:PORT` only once the
-scheduler has loaded the model (its memory line comes first) and uvicorn listens.
+Tokenization is merged into the API server process (tokenizer_manager.py says why). Children are
+`spawn`ed: a forked copy of a process that has imported torch or started threads is unsafe. The main
+process checks --model and binds the HTTP port first, so those mistakes fail in milliseconds instead of
+after loading the model, and prints `API server is ready to serve on HOST:PORT` only once the scheduler
+has loaded the model (its memory line comes first) and uvicorn listens.
 
-Shutdown: SIGINT/SIGTERM stop uvicorn (open streams get TIMEOUT_GRACEFUL_S to finish), then every child
-is killed and reaped. A child that dies on its own is seen at once (its process
-sentinel is an fd on the event loop): the server logs which one, fails the pending requests and exits
-with code 1. Children in turn exit when the main process disappears (procs.init_child).
+Shutdown: SIGINT/SIGTERM abort every request (open streams end with finish_reason "abort"), uvicorn
+stops (connections get TIMEOUT_GRACEFUL_S), then every child is killed and reaped. A child that dies
+on its own is seen at once (its process sentinel is an fd on the event loop): the server logs which one,
+fails the pending requests and exits with code 1. Children in turn exit when the main process
+disappears (procs.init_child).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -48,8 +51,7 @@ class _Server(uvicorn.Server):
     """uvicorn would install its own signal handlers and re-raise the signal after shutting down, which
     kills the process before it can stop its children; launch handles signals itself."""
 
-    def capture_signals(self):  # type: ignore[override]
-        import contextlib
+    def capture_signals(self) -> contextlib.AbstractContextManager:  # type: ignore[override]
         return contextlib.nullcontext()
 
 
@@ -146,9 +148,12 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
         ready = asyncio.ensure_future(tm.wait_ready())
         stopped = asyncio.ensure_future(stop.wait())
         await asyncio.wait({ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if not ready.done() or ready.exception() is not None:
+        if not ready.done():  # a signal or a dead child came first
             ready.cancel()
             return 1 if failures else 0
+        if ready.exception() is not None:
+            logger.error(f"Start-up failed: {ready.exception()!r}")
+            return 1
         recv = asyncio.ensure_future(tm.recv_loop())
         pids = {"api_server": os.getpid(), **{name: p.pid for name, p in procs.items()}}
         app = create_app(tm, args, pids)

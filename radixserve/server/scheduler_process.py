@@ -82,7 +82,7 @@ class SchedulerLoop:
                 rid=req.rid, new_ids=ids[start:], prompt_tokens=len(req.origin_input_ids),
                 cached_tokens=req.cached_tokens, completion_tokens=len(ids),
                 finish_reason=req.finish_reason.value if req.finished else None,
-                drop_last=ends_with_stop_token(req),
+                drop_last=req.ends_with_stop_token,
                 stop_text_len=req.stop_text_len,
                 logprobs=req.output_logprobs[start:] if want_lp else None,
                 top_logprobs=req.output_top_logprobs[start:] if sp.top_logprobs > 0 else None,
@@ -103,13 +103,6 @@ class SchedulerLoop:
             "generation_tokens_total": s.stats.generation_tokens_total,
             "cached_tokens_total": s.stats.cached_tokens_total,
         }
-
-
-def ends_with_stop_token(req: Req) -> bool:
-    """Engine.output_text's rule: a request stopped by a stop token or EOS does not show it in its text."""
-    ids, sp = req.output_ids, req.sampling_params
-    return (req.finish_reason == FinishReason.STOP and req.stop_text_len is None and bool(ids)
-            and (ids[-1] in sp.stop_token_ids or ids[-1] in req.eos_token_ids))
 
 
 def memory_info(engine: Engine) -> dict:
