@@ -2,7 +2,7 @@
 
 Endpoints: the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models; openai_api.py) and SGLang's
 native API (/generate, /health, /health_generate, /get_model_info, /get_server_info, /flush_cache,
-/abort_request; native_api.py). Every failure is `{"error": {"message", "type", "param", "code"}}`, and a
+/abort_request; native_api.py), and with --enable-metrics Prometheus' /metrics (metrics.py). Every failure is `{"error": {"message", "type", "param", "code"}}`, and a
 refused request costs nothing: it is rejected here or by Scheduler.validate before it is queued.
 """
 from __future__ import annotations
@@ -14,10 +14,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from radixserve.args import ServerArgs
 from radixserve.server.base import error_response, from_validation_error, json_response, version
+from radixserve.server.metrics import Metrics
 from radixserve.server.native_api import NativeApi
 from radixserve.server.openai_api import OpenAIApi
 from radixserve.server.protocol import AbortRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest
@@ -104,5 +106,12 @@ def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> 
             raise RequestError("pass `rid` or `abort_all: true`", param="rid",
                                code="missing_required_parameter")
         return json_response({"aborted": tm.abort(None if body.abort_all else body.rid)})
+
+    if args.enable_metrics:  # not routed at all otherwise: /metrics is a 404 like any unknown path
+        metrics = tm.metrics = Metrics(openai_api.model_name)
+
+        @app.get("/metrics")
+        async def prometheus_metrics() -> Response:
+            return Response(metrics.render(await tm.get_info()), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from radixserve.core import SamplingParams
 from radixserve.server import messages as m
+from radixserve.server.metrics import Metrics
 from radixserve.server.procs import pull, push
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ class TokenizerManager:
         self.tokenizer: Any = None
         self.ready: m.Ready | None = None
         self.dead: str | None = None
+        self.metrics: Metrics | None = None  # set by create_app with --enable-metrics
 
     async def wait_ready(self) -> m.Ready:
         """Block until the scheduler has loaded the model; then load the tokenizer it saved."""
@@ -114,6 +116,7 @@ class TokenizerManager:
         for i, r in enumerate(rids):
             self.queues[r] = (q, i)
         pending = set(range(len(rids)))
+        timer = self.metrics.timer(len(rids)) if self.metrics is not None else None
         try:
             for r, ids, sp in zip(rids, prompts, params):
                 self.to_sched.send(m.encode(m.GenerateReq(r, ids, sp)))
@@ -123,6 +126,8 @@ class TokenizerManager:
                     raise out
                 if out.finish_reason is not None:
                     pending.discard(i)
+                if timer is not None:
+                    timer.on_output(i, out)
                 yield i, out
         finally:
             for i in pending:

@@ -41,20 +41,22 @@ def test_logits_and_teacher_forced_top1(hf, mode):
     engine = make_engine(hf, **MODES[mode])
     gen = torch.Generator().manual_seed(0)
     seq = torch.randint(10, hf.config.vocab_size - 10, (PROMPT + FORCED,), generator=gen).tolist()
-    with torch.no_grad():
-        ref = hf(torch.tensor([seq], device="cuda")).logits[0].float()  # [L, V]
+    with torch.no_grad():  # the reference runs in fp32 on the same (bf16-valued) weights
+        ref = hf.float()(torch.tensor([seq], device="cuda")).logits[0].float()  # [L, V]
+        hf.bfloat16()
     sched = engine.scheduler
     req = Req(seq[:PROMPT], SamplingParams(temperature=0, max_new_tokens=FORCED + 1, ignore_eos=True))
     sched.add_request(req)
     batch = sched._schedule_prefill()
-    ours = [engine.runner.forward(batch, is_decode=False)[0].float()]
+    # clone: a replayed graph returns a view of its static output buffer, rewritten by the next replay
+    ours = [engine.runner.forward(batch, is_decode=False)[0].float().clone()]
     req.kv_len += req.extend_len
     sched.running.append(req)
     for i in range(FORCED):
         req.output_ids.append(seq[PROMPT + i])  # teacher forcing: feed the reference token
         engine.runner.last_token[req.req_pool_idx] = seq[PROMPT + i]
         batch = sched._schedule_decode()
-        ours.append(engine.runner.forward(batch, is_decode=True)[0].float())
+        ours.append(engine.runner.forward(batch, is_decode=True)[0].float().clone())
         req.kv_len += 1
     assert engine.runner.used_graph == (mode == "triton+graphs")
     sched.abort(req.rid)
