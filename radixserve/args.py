@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -51,10 +52,12 @@ class ServerArgs:
     # parallelism
     tp_size: int = 1
     dp_size: int = 1
-    load_balance_method: str = "round_robin"
+    load_balance_method: str = "shortest_queue"
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: str | None = None
+    dist_timeout: int | None = None  # seconds; default $NCCL_TIMEOUT or 1800
+    cpu_threads: int | None = None  # torch threads per rank process on CPU; default cores / local ranks
     enable_dp_attention: bool = False
     # observability
     enable_metrics: bool = False
@@ -92,12 +95,38 @@ class ServerArgs:
             raise ValueError(f"--schedule-policy {self.schedule_policy!r}: choose fcfs or lpm")
         if self.cache not in ("radix", "naive"):
             raise ValueError(f"--cache {self.cache!r}: choose radix or naive")
+        self.check_parallel()
+
+    def check_parallel(self) -> None:
+        """The shape of the rank layout; what needs the model (heads) or the GPUs is checked by the launcher
+        (distributed.bootstrap.check_layout) before any rank starts."""
+        tp = self.tp_size
+        if tp < 1 or tp & (tp - 1):
+            raise ValueError(f"--tp {tp}: the TP size must be a power of two (1, 2, 4, 8, ...)")
+        if self.dp_size < 1:
+            raise ValueError(f"--dp-size must be >= 1, got {self.dp_size}")
+        if self.load_balance_method not in ("round_robin", "shortest_queue", "prefix"):
+            raise ValueError(f"--load-balance-method {self.load_balance_method!r}: choose round_robin, "
+                             f"shortest_queue or prefix")
+        if self.nnodes < 1 or tp % self.nnodes:
+            raise ValueError(f"--nnodes {self.nnodes} must divide --tp {tp}: every node runs tp/nnodes ranks "
+                             f"of each TP group")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank {self.node_rank} must be in [0, {self.nnodes})")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, the same on "
+                             "every node)")
+        if self.dist_init_addr is not None:
+            host, _, port = self.dist_init_addr.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--dist-init-addr {self.dist_init_addr!r}: expected HOST:PORT")
+        if self.dist_timeout is None:
+            self.dist_timeout = int(os.environ.get("NCCL_TIMEOUT", "1800"))
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
 
     def check_supported(self) -> None:
         unsupported = {
-            "--tp > 1 (tensor parallelism)": self.tp_size > 1,
-            "--dp-size > 1 (data parallelism)": self.dp_size > 1,
-            "--nnodes > 1 (multi-node)": self.nnodes > 1,
             "--enable-dp-attention": self.enable_dp_attention,
             "--quantization": self.quantization is not None,
             "--kv-cache-dtype other than auto": self.kv_cache_dtype != "auto",
@@ -176,13 +205,22 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--enable-overlap-schedule"], dict(action="store_true", help="Overlap on CPU too (default: only on CUDA).")),
     (["--enable-torch-compile"], dict(action="store_true", help="torch.compile the small-batch decode path.")),
     (["--quantization"], dict(help="Weight quantization (not supported yet).")),
-    (["--tp-size", "--tp"], dict(type=int, dest="tp_size", help="Tensor-parallel ranks (GPUs).")),
-    (["--dp-size"], dict(type=int, help="Data-parallel replicas.")),
+    (["--tp-size", "--tp"], dict(type=int, dest="tp_size", help="Tensor-parallel ranks (GPUs) per replica; "
+                                 "a power of two that divides the attention heads.")),
+    (["--dp-size"], dict(type=int, help="Data-parallel replicas, each with its own TP group, behind one API "
+                         "server.")),
     (["--load-balance-method"], dict(choices=["round_robin", "shortest_queue", "prefix"],
-                                     help="How --dp-size replicas share requests.")),
+                                     help="How --dp-size replicas share requests: shortest_queue (default: "
+                                     "fewest requests in flight), round_robin, or prefix (the replica that "
+                                     "served the longest common prefix, for radix-cache hits).")),
     (["--nnodes"], dict(type=int, help="Number of nodes a TP group spans.")),
-    (["--node-rank"], dict(type=int, help="This node's rank.")),
-    (["--dist-init-addr"], dict(help="HOST:PORT of node 0's torch.distributed store.")),
+    (["--node-rank"], dict(type=int, help="This node's rank (0 runs the HTTP server).")),
+    (["--dist-init-addr"], dict(help="HOST:PORT of node 0's torch.distributed store (needed with --nnodes > 1; "
+                                "replica d uses PORT+d).")),
+    (["--dist-timeout"], dict(type=int, help="Seconds a rank waits in a collective (model loading included) "
+                              "before failing; default $NCCL_TIMEOUT or 1800.")),
+    (["--cpu-threads"], dict(type=int, help="torch threads per rank process on CPU (default: cores / ranks "
+                             "on this node).")),
     (["--enable-dp-attention"], dict(action="store_true", help="DP attention (DeepSeek; not supported).")),
     (["--enable-metrics"], dict(action="store_true", help="Expose Prometheus metrics on /metrics.")),
     (["--enable-cache-report"], dict(action="store_true", help="Log prefix-cache hit rates; report cached "

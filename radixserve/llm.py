@@ -23,6 +23,9 @@ class RequestOutput:
 class LLM:
     def __init__(self, model: str | None = None, **server_args: Any) -> None:
         self.args = ServerArgs(model=model, **server_args)
+        if self.args.dp_size > 1 or self.args.nnodes > 1:
+            raise ValueError("the offline LLM API runs one in-process engine: --dp-size and --nnodes are for the "
+                             "server (python -m radixserve)")
         self.engine = Engine(self.args)
         self.tokenizer = self.engine.tokenizer
 

@@ -2,7 +2,7 @@
 
     python -m radixserve.bench.offline [server flags...] --num-prompts N --random-input-len L \
         --random-output-len O --random-range-ratio R [--workload random|minisgl|shared-prefix] \
-        [--output out.json] [--seed S]
+        [--output out.json] [--seed S] [--tp N]
 
 Workloads (token ids drawn from the vocab minus special ids, seeded by --seed; greedy; ignore_eos so
 every output reaches its length):
@@ -29,10 +29,12 @@ import torch
 
 from radixserve.args import ServerArgs, make_parser
 from radixserve.core import Req, SamplingParams
+from radixserve.distributed.bootstrap import run_spmd
+from radixserve.distributed.group import TPGroup
 from radixserve.engine.engine import Engine
 
 BENCH_FLAGS = ("workload", "num_prompts", "random_input_len", "random_output_len", "random_range_ratio",
-               "output")
+               "output", "save_output_ids")
 SHARED_GROUPS, SHARED_SUFFIX = 8, 32
 
 
@@ -48,6 +50,8 @@ def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
     g.add_argument("--random-output-len", type=int, default=64)
     g.add_argument("--random-range-ratio", type=float, default=1.0, help="Lengths uniform in [len*R, len].")
     g.add_argument("--output", default=None, help="Write the results as JSON here.")
+    g.add_argument("--save-output-ids", default=None, help="Write every request's output token ids as JSON "
+                   "here (greedy: compare runs, e.g. --tp 1 against --tp 4).")
     ns = vars(parser.parse_args(argv))
     bench = argparse.Namespace(**{k: ns.pop(k) for k in BENCH_FLAGS})
     ns.setdefault("log_level", "warning")  # per-batch scheduler lines only when asked for
@@ -99,7 +103,13 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, b = parse(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
-    engine = Engine(args)
+    return run_spmd(bench_rank, args, b, argv)
+
+
+def bench_rank(args: ServerArgs, tp: TPGroup, b: argparse.Namespace, argv: list[str]) -> dict:
+    """One rank's run (all of it at tp 1): every rank steps the same seeded workload in lock-step; rank 0
+    reports."""
+    engine = Engine(args, tp)
     tok, sched = engine.tokenizer, engine.scheduler
     special = set(tok.all_special_ids if tok else []) | set(engine.runner.cfg.eos_token_ids)
     size = engine.runner.cfg.vocab_size if tok is None else min(engine.runner.cfg.vocab_size, len(tok))
@@ -112,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     reqs = run(engine, work)
     dur = time.perf_counter() - t0
-
+    if tp.rank:
+        return {}
     n_in, n_out = sum(len(r.origin_input_ids) for r in reqs), sum(len(r.output_ids) for r in reqs)
     res = {"num_requests": len(reqs), "input_tokens": n_in, "output_tokens": n_out,
            "cached_tokens": sched.stats.cached_tokens_total - cached0, "duration_s": dur,
@@ -138,6 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
     if b.output:
         with open(b.output, "w") as f:
             json.dump(report, f, indent=2)
+    if b.save_output_ids:
+        with open(b.save_output_ids, "w") as f:
+            json.dump([r.output_ids for r in reqs], f)
     return report
 
 

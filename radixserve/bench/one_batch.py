@@ -3,6 +3,9 @@ and the fraction of the hardware limit they reach (same process, same device).
 
     python -m radixserve.bench.one_batch --model llama-3.1-8b --load-format dummy \
         --batch-size 1 --input-len 128 --output-len 256 --output out.json
+
+With --tp N it spawns N ranks (distributed.bootstrap.run_spmd), each running this same batch on its own
+Engine; rank 0 measures and records.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import torch
 from radixserve.args import ServerArgs, make_parser
 from radixserve.bench.roofline import limits, record
 from radixserve.core import Req, SamplingParams
+from radixserve.distributed.bootstrap import run_spmd
+from radixserve.distributed.group import TPGroup
 from radixserve.engine.engine import Engine
 
 
@@ -65,10 +70,16 @@ def main(argv: list[str] | None = None) -> dict:
     args, bench = split_args(parser.parse_args(argv), {"batch_size", "input_len", "output_len", "output",
                                                         "no_roofline"})
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
-    engine = Engine(args)
+    return run_spmd(bench_rank, args, bench)
+
+
+def bench_rank(args: ServerArgs, tp: TPGroup, bench: dict) -> dict:
+    engine = Engine(args, tp)
     bs, il, ol = bench.get("batch_size", 1), bench.get("input_len", 128), bench.get("output_len", 256)
     run_batch(engine, bs, il, 4, seed=1)  # warm-up: kernels compiled for these shapes, graphs captured
     r = run_batch(engine, bs, il, ol, seed=0)
+    if tp.rank:
+        return {}
     cfg = engine.runner.cfg
     tp = engine.runner.tp.size
     weight_bytes = engine.runner.weight_bytes  # this rank's weights: each decode step reads them all once

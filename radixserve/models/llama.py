@@ -104,6 +104,28 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model(fb)[fb.logits_idx]
         return self.lm_head(hidden).float()
 
+    def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF checkpoint tensor names and their full (unsharded) shapes: what dummy weights are generated
+        from, so that they are the same model whatever the TP size."""
+        c, d = self.cfg, self.cfg.head_dim
+        h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * d, c.num_kv_heads * d
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, h)
+        for n in range(c.num_layers):
+            p = f"model.layers.{n}."
+            shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                           p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                           p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                           p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
+                           p + "post_attention_layernorm.weight": (h,)})
+            if c.attention_bias:
+                shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
+                               p + "self_attn.v_proj.bias": (kv,)})
+            if c.qk_norm:
+                shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        return shapes
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load checkpoint tensors by HF name; every parameter must be covered exactly once."""
         params = dict(self.named_parameters())

@@ -67,7 +67,8 @@ class Scheduler:
         self.min_ratio = min(self.init_ratio * MIN_NEW_TOKEN_RATIO_FACTOR, 1.0)
         self.ratio_decay = (self.init_ratio - self.min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
         self.new_token_ratio = self.init_ratio
-        self.stats = SchedulerStats(self.allocator.capacity_tokens, args.decode_log_interval)
+        self.stats = SchedulerStats(self.allocator.capacity_tokens, args.decode_log_interval,
+                                    cache_report=args.enable_cache_report)
         self.rng = random.Random(args.seed)
         self.overlap = args.overlap_schedule
         self.pending: Launched | None = None
@@ -217,7 +218,7 @@ class Scheduler:
             if req.retracted == 0:
                 req.cached_tokens = match.length
                 self.cache.record_hit(match.length, len(req.origin_input_ids))
-                self.stats.cached_tokens_total += match.length
+                self.stats.record_hit(match.length, len(req.origin_input_ids))
             cached += match.length
             self.waiting.remove(req)
             batch.append(req)

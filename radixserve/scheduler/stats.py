@@ -1,4 +1,7 @@
-"""Scheduler log lines in SGLang's exact formats, and the counters behind them."""
+"""Scheduler log lines in SGLang's exact formats, and the counters behind them.
+
+The counters are the single source of the server's token totals: /get_server_info and the Prometheus
+/metrics endpoint (server/metrics.py) both read them through the scheduler's live snapshot."""
 from __future__ import annotations
 
 import logging
@@ -12,11 +15,13 @@ logger = logging.getLogger("radixserve.scheduler")
 class SchedulerStats:
     capacity: int
     decode_log_interval: int = 40
+    cache_report: bool = False  # --enable-cache-report: a hit-rate line after every decode log line
     decode_steps: int = 0
     num_retractions: int = 0
     prompt_tokens_total: int = 0
     generation_tokens_total: int = 0
     cached_tokens_total: int = 0
+    queried_tokens_total: int = 0  # prompt tokens looked up in the prefix cache (first admission only)
     last_gen_throughput: float = 0.0
     _tokens_since_log: int = 0
     _last_log_time: float = field(default_factory=time.perf_counter)
@@ -24,9 +29,21 @@ class SchedulerStats:
     def token_usage(self, used: int) -> float:
         return used / self.capacity if self.capacity else 0.0
 
-    def log_prefill(self, new_seq: int, new_token: int, cached: int, used: int, running: int, queued: int) -> None:
+    def record_hit(self, cached: int, queried: int) -> None:
+        """Counted once per request, at its first admission: a retracted request re-matching its own KV
+        is not a hit a client would see, and `usage.cached_tokens` reports the first match only."""
+        self.cached_tokens_total += cached
+        self.queried_tokens_total += queried
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens_total / self.queried_tokens_total if self.queried_tokens_total else 0.0
+
+    def log_prefill(self, new_seq: int, new_token: int, cached: int, used: int, running: int,
+                    queued: int) -> None:
         logger.info(f"Prefill batch. #new-seq: {new_seq}, #new-token: {new_token}, #cached-token: {cached}, "
-                    f"token usage: {self.token_usage(used):.2f}, #running-req: {running}, #queue-req: {queued}")
+                    f"token usage: {self.token_usage(used):.2f}, #running-req: {running}, "
+                    f"#queue-req: {queued}")
 
     def on_decode(self, batch_size: int, used: int, queued: int, cuda_graph: bool) -> None:
         self.decode_steps += 1
@@ -39,6 +56,9 @@ class SchedulerStats:
         logger.info(f"Decode batch. #running-req: {batch_size}, #token: {used}, "
                     f"token usage: {self.token_usage(used):.2f}, cuda graph: {cuda_graph}, "
                     f"gen throughput (token/s): {self.last_gen_throughput:.2f}, #queue-req: {queued}")
+        if self.cache_report:  # cumulative, like the cache_hit_rate gauge, so the two can be compared
+            logger.info(f"Cache report. #cached-token: {self.cached_tokens_total}, #queried-token: "
+                        f"{self.queried_tokens_total}, cache hit rate: {self.cache_hit_rate:.2f}")
 
     def log_retract(self, n: int, old_ratio: float, new_ratio: float) -> None:
         self.num_retractions += n

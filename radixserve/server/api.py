@@ -2,8 +2,9 @@
 
 Endpoints: the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models; openai_api.py) and SGLang's
 native API (/generate, /health, /health_generate, /get_model_info, /get_server_info, /flush_cache,
-/abort_request; native_api.py), and with --enable-metrics Prometheus' /metrics (metrics.py). Every failure is `{"error": {"message", "type", "param", "code"}}`, and a
-refused request costs nothing: it is rejected here or by Scheduler.validate before it is queued.
+/abort_request; native_api.py), and with --enable-metrics Prometheus' /metrics (metrics.py). Every failure
+is `{"error": {"message", "type", "param", "code"}}`, and a refused request costs nothing: it is rejected
+here or by Scheduler.validate before it is queued.
 """
 from __future__ import annotations
 

@@ -84,8 +84,8 @@ def run_detokenizer(log_level: str, addrs: m.Addresses, parent_pid: int) -> None
         detok: Detokenizer | None = None
         while True:
             msg = decode(recv.recv())
-            if isinstance(msg, m.DetokInit):
-                detok = Detokenizer(AutoTokenizer.from_pretrained(msg.tokenizer_dir))
+            if isinstance(msg, m.DetokInit):  # one per DP replica, each before its outputs; the same tokenizer
+                detok = detok or Detokenizer(AutoTokenizer.from_pretrained(msg.tokenizer_dir))
             elif detok is not None:
                 to_api.send(m.encode(detok.process(msg)))
     except Exception:

@@ -16,6 +16,11 @@ stops (connections get TIMEOUT_GRACEFUL_S), then every child is killed and reape
 on its own is seen at once (its process sentinel is an fd on the event loop): the server logs which one,
 fails the pending requests and exits with code 1. Children in turn exit when the main process
 disappears (procs.init_child).
+
+Parallelism (distributed/bootstrap.py): `--tp N` runs one scheduler process per rank (`scheduler_tp1`, ...),
+`--dp-size D` one group of them per replica (`scheduler_dp1_tp0`, ...), all watched the same way. With
+`--nnodes K`, node 0 runs this and its share of the ranks; nodes k > 0 run only their ranks
+(serve_follower_node) until rank 0 goes away.
 """
 from __future__ import annotations
 
@@ -29,18 +34,22 @@ import signal
 import socket
 import sys
 import tempfile
+import time
+from multiprocessing.connection import wait
+from multiprocessing.context import SpawnContext
 from multiprocessing.process import BaseProcess
 
 import uvicorn
 
 from radixserve.args import ServerArgs
+from radixserve.distributed.bootstrap import RankSpec, check_layout, describe, plan_ranks
 from radixserve.server.api import create_app
 from radixserve.server.detokenizer import run_detokenizer
 from radixserve.server.messages import Addresses
 from radixserve.server.procs import setup_logging
 from radixserve.server.scheduler_process import run_scheduler
 from radixserve.server.tokenizer_manager import TokenizerManager
-from radixserve.weights.loader import resolve_model
+from radixserve.weights.loader import load_config, resolve_model
 
 logger = logging.getLogger("radixserve.server")
 TIMEOUT_GRACEFUL_S = 2
@@ -67,10 +76,12 @@ def launch_server(args: ServerArgs) -> None:
     """Run the server until SIGINT/SIGTERM (exit code 0) or a child's death (exit code 1). Mistakes that
     can be seen before loading anything (a missing model, a port in use) fail at once."""
     setup_logging(args.log_level)
+    if args.node_rank > 0:
+        sys.exit(serve_follower_node(args))
     try:
-        resolve_model(args.model)
+        check_model(args)
         sock = bind_socket(args.host, args.port)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         logger.error(str(e))
         sys.exit(1)
     except OSError as e:
@@ -79,8 +90,7 @@ def launch_server(args: ServerArgs) -> None:
     addrs = Addresses(tempfile.mkdtemp(prefix="radixserve-"))
     ctx = mp.get_context("spawn")
     procs = {
-        "scheduler": ctx.Process(target=run_scheduler, args=(args, addrs, os.getpid()),
-                                 name="radixserve-scheduler"),
+        **scheduler_processes(args, addrs, ctx),
         "detokenizer": ctx.Process(target=run_detokenizer, args=(args.log_level, addrs, os.getpid()),
                                    name="radixserve-detokenizer"),
     }
@@ -93,6 +103,66 @@ def launch_server(args: ServerArgs) -> None:
         stop_children(procs)
         shutil.rmtree(addrs.run_dir, ignore_errors=True)
     sys.exit(code)
+
+
+def check_model(args: ServerArgs) -> None:
+    """The model exists and, with TP/DP, fits the rank layout (heads, GPUs): seconds, not after a load."""
+    src = resolve_model(args.model)
+    if args.tp_size > 1 or args.dp_size > 1:
+        check_layout(args, load_config(src))
+
+
+def process_name(args: ServerArgs, spec: RankSpec) -> str:
+    """`scheduler` at tp=dp=1; else `scheduler_tp1`, `scheduler_dp1_tp0`, ... (keys of /get_server_info pids)."""
+    return ("scheduler" + (f"_dp{spec.dp_rank}" if args.dp_size > 1 else "")
+            + (f"_tp{spec.tp_rank}" if args.tp_size > 1 else ""))
+
+
+def scheduler_processes(args: ServerArgs, addrs: Addresses | None, ctx: SpawnContext) -> dict[str, BaseProcess]:
+    """This node's scheduler ranks, not started."""
+    if args.tp_size > 1 or args.dp_size > 1:
+        logger.info(describe(args))
+    specs = plan_ranks(args)
+    return {process_name(args, s): ctx.Process(target=run_scheduler, args=(args, addrs, os.getpid(), s, len(specs)),
+                                                name="radixserve-" + process_name(args, s)) for s in specs}
+
+
+def serve_follower_node(args: ServerArgs) -> int:
+    """Node k > 0 of a multi-node TP group: run this node's ranks (no HTTP server, no detokenizer) until
+    SIGINT/SIGTERM (exit code 0), until rank 0 on node 0 goes away, which its ranks see and exit 0 from
+    (exit code 0: the server stopped), or until a rank fails (exit code 1)."""
+    try:
+        check_model(args)
+    except (FileNotFoundError, ValueError) as e:
+        logger.error(str(e))
+        return 1
+    procs = scheduler_processes(args, None, mp.get_context("spawn"))
+    stopping: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda s, _: stopping.append(s))
+    code = 0
+    try:
+        for p in procs.values():
+            p.start()
+        while not stopping:
+            done = wait([p.sentinel for p in procs.values()], timeout=0.5)
+            gone = [(n, p) for n, p in procs.items() if p.sentinel in done]
+            if gone:
+                name, p = gone[0]
+                p.join()
+                if p.exitcode == 0:
+                    logger.info("TP rank 0 on node 0 is gone; stopping this node")
+                else:
+                    logger.error(f"The {name} process (pid {p.pid}) died unexpectedly (exit code {p.exitcode}); "
+                                 f"stopping this node")
+                    code = 1
+                break
+        if stopping:
+            logger.info(f"Received {signal.Signals(stopping[0]).name}; shutting down")
+        time.sleep(0.2)  # let sibling ranks that saw rank 0 go log it and exit on their own
+    finally:
+        stop_children(procs)
+    return code
 
 
 def stop_children(procs: dict[str, BaseProcess]) -> None:
@@ -111,7 +181,7 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failures: list[str] = []
-    tm = TokenizerManager(addrs)
+    tm = TokenizerManager(addrs, args.dp_size, args.load_balance_method)
     server: list[_Server] = []
 
     def shutdown() -> None:

@@ -1,7 +1,7 @@
 """Typed messages between the server's processes: msgspec structs, msgpack-encoded on ZMQ PUSH/PULL.
 
 ```
-API server ──GenerateReq / AbortReq / FlushCacheReq / GetInfoReq──▶ scheduler
+API server ──GenerateReq / AbortReq / FlushCacheReq / GetInfoReq──▶ scheduler (TP rank 0 of a DP replica)
 scheduler  ──DetokInit, BatchTokenOut──▶ detokenizer ──BatchStrOut──▶ API server
 scheduler  ──Ready, ReqError, FlushCacheOut, InfoOut──▶ API server
 ```
@@ -45,6 +45,7 @@ class Ready(msgspec.Struct, tag=True):
     tokenizer_dir: str
     model_name: str
     info: dict[str, Any]  # memory plan: max_total_num_tokens, context_len, vocab_size, ...
+    dp_rank: int = 0  # with --dp-size N, the API server waits for one Ready from each replica
 
 
 class ReqError(msgspec.Struct, tag=True):
@@ -129,7 +130,11 @@ class Addresses:
 
     @property
     def scheduler(self) -> str:
-        return self._ipc("scheduler")
+        return self.scheduler_of(0)
+
+    def scheduler_of(self, dp_rank: int) -> str:
+        """Rank 0 of DP replica `dp_rank` (only TP rank 0 of a replica has a socket; it broadcasts the rest)."""
+        return self._ipc("scheduler" if dp_rank == 0 else f"scheduler_dp{dp_rank}")
 
     @property
     def detokenizer(self) -> str:

@@ -1,4 +1,4 @@
-"""Prometheus metrics for `--enable-metrics`: `GET /metrics`, names as SGLang's with `radixserve:` for `sglang:`.
+"""Prometheus metrics for `--enable-metrics` (`GET /metrics`): SGLang's names, `radixserve:` for `sglang:`.
 
 Two sources, because each number is only known in one process:
   * gauges and token counters come from the scheduler's live snapshot (the same InfoOut query that
@@ -22,12 +22,11 @@ from radixserve.server.messages import StrOut
 
 PREFIX = "radixserve:"
 # (metric, key in the scheduler snapshot, help). Counters get `_total` appended by the exposition format.
-GAUGES = [("num_running_reqs", "num_running_reqs", "The number of running requests (decoding or prefilling)."),
+GAUGES = [("num_running_reqs", "num_running_reqs", "Requests running (decoding or prefilling)."),
           ("num_queue_reqs", "num_queue_reqs", "The number of requests in the waiting queue."),
           ("num_used_tokens", "kv_used_tokens", "KV slots held by running requests."),
           ("token_usage", "token_usage", "KV pool utilization: used tokens / capacity."),
-          ("gen_throughput", "last_gen_throughput", "Generation throughput (token/s) of the last decode log "
-           "interval."),
+          ("gen_throughput", "last_gen_throughput", "Generation throughput (token/s), last log interval."),
           ("cache_hit_rate", "cache_hit_rate", "Prefix cache hit rate: cached / queried prompt tokens.")]
 COUNTERS = [("num_retractions", "num_retractions", "Requests retracted because the KV pool was full."),
             ("prompt_tokens", "prompt_tokens_total", "Prompt tokens of all requests received."),
@@ -62,7 +61,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.scheduler = _SchedulerCollector(model_name)
         self.registry.register(self.scheduler)  # type: ignore[arg-type]
-        kw: dict[str, Any] = dict(labelnames=["model_name"], registry=self.registry)
+        kw: dict[str, Any] = {"labelnames": ["model_name"], "registry": self.registry}
         self.num_requests = Counter(PREFIX + "num_requests", "Requests finished (one per choice).", **kw
                                     ).labels(model_name)
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token.",

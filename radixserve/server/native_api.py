@@ -110,8 +110,8 @@ class NativeApi(ApiBase):
                 "context_length": self.info["context_len"], "vocab_size": self.info["vocab_size"]}
 
     async def server_info(self) -> dict:
-        live = await self.tm.get_info()
+        live = await self.tm.get_infos()  # one entry per DP replica
         return {**dataclasses.asdict(self.args), **self.info, "served_model_name": self.model_name,
-                "version": version(), "pids": self.pids, "internal_states": [live]}
+                "version": version(), "pids": self.pids, "internal_states": live}
 
 

@@ -3,16 +3,22 @@
 The loop drains every pending message without blocking, runs one scheduler step while there is
 work, and only blocks (with a timeout) on the socket when idle, so a busy server never waits on I/O
 and an idle one costs no CPU. Each step's new token ids go to the detokenizer as one message.
+
+With --tp N there is one such process per rank (distributed/bootstrap.py): rank 0 reads ZMQ and broadcasts
+each iteration's messages to the other ranks, every rank handles them and steps its own identical
+scheduler, and only rank 0 answers the API server and feeds the detokenizer.
 """
 from __future__ import annotations
 
 import logging
 import os
 
+import torch.distributed as dist
 import zmq
 
 from radixserve.args import ServerArgs
 from radixserve.core import FinishReason, Req
+from radixserve.distributed.bootstrap import InputBroadcast, RankSpec, init_rank
 from radixserve.engine.engine import Engine
 from radixserve.server import messages as m
 from radixserve.server.procs import init_child, pull, push
@@ -21,27 +27,53 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000
 
 
+class LeaderGone(Exception):
+    """TP rank 0 disappeared while this rank waited for its input: the server shut down (or died)."""
+
+
 class SchedulerLoop:
-    def __init__(self, engine: Engine, recv: zmq.Socket, to_detok: zmq.Socket, to_api: zmq.Socket) -> None:
+    """`recv`, `to_detok` and `to_api` are None on TP ranks > 0: they get their input from `bcast` and send
+    nothing."""
+
+    def __init__(self, engine: Engine, recv: zmq.Socket | None, to_detok: zmq.Socket | None,
+                 to_api: zmq.Socket | None, bcast: InputBroadcast | None = None) -> None:
         self.engine, self.sched = engine, engine.scheduler
-        self.recv, self.to_detok, self.to_api = recv, to_detok, to_api
+        self.recv, self.to_detok, self.to_api, self.bcast = recv, to_detok, to_api, bcast
         self.decode = m.decoder(m.SchedulerIn).decode
         self.sent: dict[str, int] = {}  # rid → how many of its output ids were already forwarded
 
     def run(self) -> None:
         while True:
-            if self.recv.poll(0 if self.sched.has_work else IDLE_POLL_MS):
-                self.drain()
+            for raw in self.receive():
+                self.handle(self.decode(raw))
             if self.sched.has_work:
                 self.emit(self.sched.step())
 
-    def drain(self) -> None:
+    def receive(self) -> list[bytes]:
+        """This iteration's input frames, the same on every TP rank. Rank 0 blocks (up to IDLE_POLL_MS) only
+        when idle, so the other ranks, blocked in the broadcast meanwhile, hear from it at least that often."""
+        frames = self.drain() if self.recv is not None and self.recv.poll(
+            0 if self.sched.has_work else IDLE_POLL_MS) else []
+        if self.bcast is None:
+            return frames
+        if self.recv is not None:
+            return self.bcast.share(frames)
+        try:
+            return self.bcast.share()
+        except RuntimeError as e:  # gloo: the connection to rank 0 closed
+            raise LeaderGone(str(e)) from e
+
+    def drain(self) -> list[bytes]:
+        frames: list[bytes] = []
         while True:
             try:
-                raw = self.recv.recv(zmq.NOBLOCK)
+                frames.append(self.recv.recv(zmq.NOBLOCK))
             except zmq.Again:
-                return
-            self.handle(self.decode(raw))
+                return frames
+
+    def reply(self, msg: m.ApiIn) -> None:
+        if self.to_api is not None:
+            self.to_api.send(m.encode(msg))
 
     def handle(self, msg: m.SchedulerIn) -> None:
         if isinstance(msg, m.GenerateReq):
@@ -49,7 +81,7 @@ class SchedulerLoop:
             try:
                 self.sched.add_request(req)
             except ValueError as e:
-                self.to_api.send(m.encode(m.ReqError(msg.rid, str(e))))
+                self.reply(m.ReqError(msg.rid, str(e)))
                 return
             self.sent[req.rid] = 0
         elif isinstance(msg, m.AbortReq):
@@ -62,11 +94,13 @@ class SchedulerLoop:
             if not busy:
                 self.sched.cache.reset()
             text = ("Cache not flushed: requests are running." if busy else "Cache flushed.")
-            self.to_api.send(m.encode(m.FlushCacheOut(msg.req_id, not busy, text)))
-        elif isinstance(msg, m.GetInfoReq):
-            self.to_api.send(m.encode(m.InfoOut(msg.req_id, self.live_info())))
+            self.reply(m.FlushCacheOut(msg.req_id, not busy, text))
+        elif isinstance(msg, m.GetInfoReq) and self.to_api is not None:
+            self.reply(m.InfoOut(msg.req_id, self.live_info()))
 
     def emit(self, reqs: list[Req]) -> None:
+        if self.to_detok is None:
+            return
         outs = []
         for req in reqs:
             start = self.sent.get(req.rid)
@@ -113,20 +147,41 @@ def memory_info(engine: Engine) -> dict:
             "vocab_size": r.cfg.vocab_size, "model_path": engine.src.path}
 
 
-def run_scheduler(args: ServerArgs, addrs: m.Addresses, parent_pid: int) -> None:
-    """Process entry point. Any exception is logged with its traceback and ends the process with code 1;
-    the parent's watchdog then reports the dead scheduler and stops the server."""
-    init_child(args.log_level, " TP0", parent_pid)
+def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, spec: RankSpec = RankSpec(),
+                  local_ranks: int = 1) -> None:
+    """Process entry point of one scheduler rank (`addrs` is None on nodes other than 0, whose ranks all
+    follow a rank 0 elsewhere). Any exception is logged with its traceback and ends the process with code 1;
+    the parent's watchdog then reports the dead scheduler and stops the server. A rank > 0 whose rank 0
+    went away exits with code 0: that is how the ranks of other nodes learn that the server stopped."""
+    dp_tag = f" DP{spec.dp_rank}" if args.dp_size > 1 else ""
+    init_child(args.log_level, f"{dp_tag} TP{spec.tp_rank}", parent_pid)
+    if not spec.is_leader:  # the memory and batch lines once per replica, from its rank 0
+        for name in ("radixserve.scheduler", "radixserve.engine.engine"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
-        engine = Engine(args)
-        tok_dir = os.path.join(addrs.run_dir, "tokenizer")
+        tp, cpu_group = init_rank(args, spec, local_ranks)
+        engine = Engine(args, tp)
+        if spec.dp_rank:  # replicas draw different request seeds: the n choices of a request may be spread
+            engine.scheduler.rng.seed(args.seed + (spec.dp_rank << 32))
+        bcast = None
+        if tp.size > 1:
+            logging.getLogger("radixserve.distributed").info(f"Rank {spec.tp_rank}/{tp.size} ready")
+            dist.barrier(group=cpu_group)  # rank 0 reports Ready only once every rank has loaded
+            bcast = InputBroadcast(spec.tp_rank, cpu_group)
+        if not spec.is_leader:
+            SchedulerLoop(engine, None, None, None, bcast).run()
+            return
+        assert addrs is not None
+        tok_dir = os.path.join(addrs.run_dir, "tokenizer" if spec.dp_rank == 0 else f"tokenizer_dp{spec.dp_rank}")
         engine.tokenizer.save_pretrained(tok_dir)
         ctx = zmq.Context()
-        recv, to_api = pull(ctx, addrs.scheduler), push(ctx, addrs.api)
+        recv, to_api = pull(ctx, addrs.scheduler_of(spec.dp_rank)), push(ctx, addrs.api)
         to_detok = push(ctx, addrs.detokenizer)
         to_detok.send(m.encode(m.DetokInit(tok_dir)))
-        to_api.send(m.encode(m.Ready(tok_dir, engine.model_name, memory_info(engine))))
-        SchedulerLoop(engine, recv, to_detok, to_api).run()
+        to_api.send(m.encode(m.Ready(tok_dir, engine.model_name, memory_info(engine), spec.dp_rank)))
+        SchedulerLoop(engine, recv, to_detok, to_api, bcast).run()
+    except LeaderGone as e:
+        logger.info(f"TP rank 0 is gone ({e}); the server stopped, exiting")
     except Exception:
         logger.exception("Scheduler hit an exception")
         raise SystemExit(1)

@@ -25,6 +25,7 @@ from radixserve.core import SamplingParams
 from radixserve.server import messages as m
 from radixserve.server.metrics import Metrics
 from radixserve.server.procs import pull, push
+from radixserve.server.router import Router
 
 logger = logging.getLogger(__name__)
 CONTROL_TIMEOUT_S = 30.0
@@ -44,10 +45,12 @@ class RequestError(Exception):
 
 
 class TokenizerManager:
-    def __init__(self, addrs: m.Addresses) -> None:
+    def __init__(self, addrs: m.Addresses, dp_size: int = 1, load_balance_method: str = "shortest_queue") -> None:
+        """With --dp-size N there is one scheduler socket per replica and `router` picks one per request."""
         self.actx, self.ctx = zmq.asyncio.Context(), zmq.Context()
         self.recv = pull(self.actx, addrs.api)
-        self.to_sched = push(self.ctx, addrs.scheduler)
+        self.to_scheds = [push(self.ctx, addrs.scheduler_of(d)) for d in range(dp_size)]
+        self.router = Router(dp_size, load_balance_method)
         self.decode = m.decoder(m.ApiIn).decode
         self.queues: dict[str, tuple[asyncio.Queue, int]] = {}
         self.groups: dict[str, list[str]] = {}  # client-visible rid → internal rids (one per choice)
@@ -59,11 +62,13 @@ class TokenizerManager:
         self.metrics: Metrics | None = None  # set by create_app with --enable-metrics
 
     async def wait_ready(self) -> m.Ready:
-        """Block until the scheduler has loaded the model; then load the tokenizer it saved."""
-        while self.ready is None:
+        """Block until every replica's scheduler has loaded the model; then load the tokenizer it saved."""
+        readies: dict[int, m.Ready] = {}
+        while len(readies) < len(self.to_scheds):
             msg = self.decode(await self.recv.recv())
             if isinstance(msg, m.Ready):
-                self.ready = msg
+                readies[msg.dp_rank] = msg
+        self.ready = readies[0]
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(self.ready.tokenizer_dir)
         return self.ready
@@ -119,7 +124,8 @@ class TokenizerManager:
         timer = self.metrics.timer(len(rids)) if self.metrics is not None else None
         try:
             for r, ids, sp in zip(rids, prompts, params):
-                self.to_sched.send(m.encode(m.GenerateReq(r, ids, sp)))
+                d = self.router.route(r, ids, sp.max_new_tokens)
+                self.to_scheds[d].send(m.encode(m.GenerateReq(r, ids, sp)))
             while pending:
                 i, out = await q.get()
                 if isinstance(out, RequestError):
@@ -134,11 +140,14 @@ class TokenizerManager:
                 self.abort_one(rids[i])
             for r in rids:
                 self.queues.pop(r, None)
+                self.router.finish(r)
             self.groups.pop(rid, None)
 
     def abort_one(self, rid: str) -> None:
         if not self.dead:
-            self.to_sched.send(m.encode(m.AbortReq(rid)))
+            d = self.router.replica(rid)
+            for sock in self.to_scheds if d is None else [self.to_scheds[d]]:
+                sock.send(m.encode(m.AbortReq(rid)))
 
     def abort(self, rid: str | None = None) -> int:
         """Abort a client-visible request (all its choices), or every request when rid is None. The
@@ -150,11 +159,11 @@ class TokenizerManager:
         return len(rids)
 
     # ---- control ------------------------------------------------------------------------------------
-    async def _call(self, msg_type: type) -> Any:
+    async def _call(self, msg_type: type, replica: int = 0) -> Any:
         self._check_alive()
         req_id = next(self.control_ids)
         fut = self.control[req_id] = asyncio.get_running_loop().create_future()
-        self.to_sched.send(m.encode(msg_type(req_id)))
+        self.to_scheds[replica].send(m.encode(msg_type(req_id)))
         try:
             return await asyncio.wait_for(fut, CONTROL_TIMEOUT_S)
         except asyncio.TimeoutError:
@@ -162,14 +171,34 @@ class TokenizerManager:
         finally:
             self.control.pop(req_id, None)
 
+    async def _call_all(self, msg_type: type) -> list[Any]:
+        return list(await asyncio.gather(*(self._call(msg_type, d) for d in range(len(self.to_scheds)))))
+
     async def flush_cache(self) -> m.FlushCacheOut:
-        return await self._call(m.FlushCacheReq)
+        """Every replica flushes (each has its own radix tree); the first refusal is the answer."""
+        outs = await self._call_all(m.FlushCacheReq)
+        return next((o for o in outs if not o.success), outs[0])
+
+    async def get_infos(self) -> list[dict[str, Any]]:
+        """Each replica's live figures, with the router's counts for it (dp_rank, num_routed_reqs, ...)."""
+        return [{**o.info, **self.router.stats(d)} for d, o in enumerate(await self._call_all(m.GetInfoReq))]
 
     async def get_info(self) -> dict[str, Any]:
-        return (await self._call(m.GetInfoReq)).info
+        """The live figures of the whole server: replicas' counts summed, ratios recomputed or averaged."""
+        infos = await self.get_infos()
+        if len(infos) == 1:
+            return infos[0]
+        total = {k: sum(i[k] for i in infos) for k, v in infos[0].items() if isinstance(v, (int, float))}
+        for k in ("cache_hit_rate", "new_token_ratio"):
+            total[k] = total.get(k, 0.0) / len(infos)
+        if total.get("kv_capacity_tokens"):
+            total["token_usage"] = total["kv_used_tokens"] / total["kv_capacity_tokens"]
+        total.pop("dp_rank", None)
+        return total
 
     def close(self) -> None:
         self.recv.close()
-        self.to_sched.close()
+        for sock in self.to_scheds:
+            sock.close()
         self.actx.term()
         self.ctx.term()

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -106,17 +107,30 @@ def iter_safetensors(path: str, progress: bool = True) -> Iterator[tuple[str, to
                 yield name, f.get_tensor(name)
 
 
+def dummy_seed(name: str, seed: int) -> int:
+    """A stable per-tensor seed (str hash() is salted per process; crc32 is not)."""
+    return (seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63)
+
+
+def dummy_weights(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random checkpoint tensors with the real names and full shapes: N(0, 0.02) for matrices and biases,
+    1 for norms. Each tensor is a function of (seed, name, full shape) alone, generated whole on the
+    parameters' device (fast for an 8B model on a GPU) and sliced by the weight loaders like a real
+    checkpoint, so every TP size and every rank sees the same model, and so do an HF reference or a second
+    process fed the same seed."""
+    p = next(model.parameters())
+    for name, shape in model.checkpoint_shapes().items():
+        t = torch.empty(shape, dtype=p.dtype, device=p.device)
+        if len(shape) == 1 and not name.endswith(".bias"):
+            yield name, t.fill_(1.0)
+            continue
+        gen = torch.Generator(device=p.device).manual_seed(dummy_seed(name, seed))
+        yield name, t.normal_(0.0, 0.02, generator=gen)
+
+
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Random weights with the real shapes: N(0, 0.02) for matrices, 1 for norms. Seeded, so two
-    processes (or an HF reference fed the same state dict) agree."""
-    gens: dict[torch.device, torch.Generator] = {}
-    for name, p in model.named_parameters():
-        if p.dim() == 1 and "bias" not in name:
-            p.fill_(1.0)
-            continue
-        gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
-        p.normal_(0.0, 0.02, generator=gen)
+    model.load_weights(dummy_weights(model, seed))
 
 
 def load_weights(model: nn.Module, src: ModelSource, load_format: str, seed: int = 0) -> None:
