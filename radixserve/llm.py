@@ -1,8 +1,9 @@
 """Offline API: `LLM(model=None, **server_args).generate(prompts, sampling_params)`."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams

@@ -11,9 +11,9 @@ if TYPE_CHECKING:
 
 
 class AttentionBackend(Protocol):
-    def init_forward_metadata(self, fb: "ForwardBatch") -> None:
+    def init_forward_metadata(self, fb: ForwardBatch) -> None:
         """Build per-batch index tensors once, shared by every layer (set fb.attn_meta)."""
 
-    def forward(self, q: torch.Tensor, layer: "Attention", fb: "ForwardBatch") -> torch.Tensor:
+    def forward(self, q: torch.Tensor, layer: Attention, fb: ForwardBatch) -> torch.Tensor:
         """q: [T, heads, head_dim] for this step's tokens; K/V already stored in the pool.
         Returns [T, heads, head_dim]."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM"}
 
@@ -31,7 +30,7 @@ class ModelConfig:
     hf_config: Any = None
 
     @classmethod
-    def from_hf(cls, hf: Any) -> "ModelConfig":
+    def from_hf(cls, hf: Any) -> ModelConfig:
         archs = getattr(hf, "architectures", None)  # configs rebuilt from GGUF carry only model_type
         arch = archs[0] if archs else MODEL_TYPES.get(hf.model_type, "LlamaForCausalLM")
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
