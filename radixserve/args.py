@@ -215,8 +215,8 @@ _FLAGS: list[tuple[list[str], dict]] = [
                                      "served the longest common prefix, for radix-cache hits).")),
     (["--nnodes"], dict(type=int, help="Number of nodes a TP group spans.")),
     (["--node-rank"], dict(type=int, help="This node's rank (0 runs the HTTP server).")),
-    (["--dist-init-addr"], dict(help="HOST:PORT of node 0's torch.distributed store (needed with --nnodes > 1; "
-                                "replica d uses PORT+d).")),
+    (["--dist-init-addr"], dict(help="HOST:PORT of node 0's torch.distributed store (needed with --nnodes > "
+                                "1; replica d uses PORT+d).")),
     (["--dist-timeout"], dict(type=int, help="Seconds a rank waits in a collective (model loading included) "
                               "before failing; default $NCCL_TIMEOUT or 1800.")),
     (["--cpu-threads"], dict(type=int, help="torch threads per rank process on CPU (default: cores / ranks "

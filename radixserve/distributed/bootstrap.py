@@ -14,6 +14,7 @@ same batches: the collectives inside the model always line up, and only rank 0's
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
 import os
@@ -113,6 +114,15 @@ def describe(args: ServerArgs) -> str:
     return "; ".join(parts)
 
 
+def host_share(args: ServerArgs, local_ranks: int) -> ServerArgs:
+    """A rank's args. On CPU the ranks of a node share one RAM, and --mem-fraction-static is a share of it:
+    each rank gets its part, so that N ranks size their KV pools like one server does (a GPU rank has its
+    own memory and keeps the fraction)."""
+    if args.device != "cpu" or local_ranks == 1 or args.max_total_tokens:
+        return args
+    return dataclasses.replace(args, mem_fraction_static=args.mem_fraction_static / local_ranks)
+
+
 def init_rank(args: ServerArgs, spec: RankSpec, local_ranks: int = 1) -> tuple[TPGroup, Any]:
     """Pin the device (or the CPU threads) and join the replica's TP group. Returns the group the model
     uses (NCCL on CUDA, gloo on CPU) and a gloo CPU group for the input broadcast (None at tp=1)."""
@@ -164,7 +174,7 @@ def _spmd_rank(fn: Callable[..., Any], args: ServerArgs, spec: RankSpec, extra: 
     logging.basicConfig(level=args.log_level.upper() if spec.is_leader else "WARNING",
                         format=f"[%(asctime)s TP{spec.tp_rank}] %(message)s")
     tp, _ = init_rank(args, spec, args.tp_size)
-    result = fn(args, tp, *extra)
+    result = fn(host_share(args, args.tp_size), tp, *extra)
     if out is not None:
         out.send(result)
     dist.barrier()
@@ -183,6 +193,8 @@ def run_spmd(fn: Callable[..., Any], args: ServerArgs, *extra: Any) -> Any:
     if args.tp_size == 1:
         tp, _ = init_rank(args, RankSpec())
         return fn(args, tp, *extra)
+    from radixserve.weights.loader import load_config, resolve_model
+    check_layout(args, load_config(resolve_model(args.model)))
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     specs = plan_ranks(args)

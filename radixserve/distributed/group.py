@@ -30,6 +30,14 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
 
+    def min_int(self, x: int, device: torch.device) -> int:
+        """The smallest `x` over the ranks (`device`: where the group's backend takes tensors)."""
+        if self.size == 1:
+            return x
+        t = torch.tensor([x], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
     def split(self, n: int, what: str) -> int:
         if n % self.size:
             raise ValueError(f"{what}={n} is not divisible by --tp {self.size}")

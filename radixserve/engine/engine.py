@@ -18,9 +18,9 @@ logger = logging.getLogger(__name__)
 class Engine:
     def __init__(self, args: ServerArgs, tp: TPGroup = TPGroup()) -> None:
         if tp.size != args.tp_size:
-            raise ValueError(f"--tp {args.tp_size} needs one process per rank: serve it with `python -m radixserve "
-                             f"--tp {args.tp_size}` or benchmark it with radixserve.bench.offline / one_batch; "
-                             f"the offline LLM API and --shell run a single process (tp 1)")
+            raise ValueError(f"--tp {args.tp_size} needs one process per rank: serve it with `python -m "
+                             f"radixserve --tp {args.tp_size}` or benchmark it with radixserve.bench.offline / "
+                             f"one_batch; the offline LLM API and --shell run a single process (tp 1)")
         self.args = args
         self.src = resolve_model(args.model)
         self.tokenizer = load_tokenizer(self.src, args.tokenizer_path)

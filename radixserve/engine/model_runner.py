@@ -101,6 +101,9 @@ class ModelRunner:
                 raise ValueError(
                     f"--mem-fraction-static {a.mem_fraction_static} too high: {left / GB:.1f} GB left for "
                     f"activations and CUDA graphs; try {max(0.1, a.mem_fraction_static - 0.05):.2f}")
+        # Every rank must plan the same pool (free GPU memory differs a little between ranks), or their
+        # schedulers, which must stay in lock-step, would admit different batches.
+        tokens = self.tp.min_int(tokens, self.device)
         num_pages = max(tokens // ps, 2) + 1  # +1: page 0 is the padding page
         left = free - num_pages * ps * per_token if self.device.type == "cuda" else free
         return MemoryPlan((num_pages - 1) * ps, num_pages, left / GB)

@@ -109,7 +109,8 @@ class LlamaForCausalLM(nn.Module):
         from, so that they are the same model whatever the TP size."""
         c, d = self.cfg, self.cfg.head_dim
         h, i, q, kv = c.hidden_size, c.intermediate_size, c.num_heads * d, c.num_kv_heads * d
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h),
+                                              "model.norm.weight": (h,)}
         if not c.tie_word_embeddings:
             shapes["lm_head.weight"] = (c.vocab_size, h)
         for n in range(c.num_layers):

@@ -113,24 +113,26 @@ def check_model(args: ServerArgs) -> None:
 
 
 def process_name(args: ServerArgs, spec: RankSpec) -> str:
-    """`scheduler` at tp=dp=1; else `scheduler_tp1`, `scheduler_dp1_tp0`, ... (keys of /get_server_info pids)."""
+    """`scheduler` at tp=dp=1, else `scheduler_tp1`, `scheduler_dp1_tp0`, ... (/get_server_info's pids)."""
     return ("scheduler" + (f"_dp{spec.dp_rank}" if args.dp_size > 1 else "")
             + (f"_tp{spec.tp_rank}" if args.tp_size > 1 else ""))
 
 
-def scheduler_processes(args: ServerArgs, addrs: Addresses | None, ctx: SpawnContext) -> dict[str, BaseProcess]:
+def scheduler_processes(args: ServerArgs, addrs: Addresses | None, ctx: SpawnContext
+                        ) -> dict[str, BaseProcess]:
     """This node's scheduler ranks, not started."""
     if args.tp_size > 1 or args.dp_size > 1:
         logger.info(describe(args))
     specs = plan_ranks(args)
-    return {process_name(args, s): ctx.Process(target=run_scheduler, args=(args, addrs, os.getpid(), s, len(specs)),
-                                                name="radixserve-" + process_name(args, s)) for s in specs}
+    names = [process_name(args, s) for s in specs]
+    return {name: ctx.Process(target=run_scheduler, args=(args, addrs, os.getpid(), s, len(specs)),
+                              name="radixserve-" + name) for name, s in zip(names, specs)}
 
 
 def serve_follower_node(args: ServerArgs) -> int:
     """Node k > 0 of a multi-node TP group: run this node's ranks (no HTTP server, no detokenizer) until
-    SIGINT/SIGTERM (exit code 0), until rank 0 on node 0 goes away, which its ranks see and exit 0 from
-    (exit code 0: the server stopped), or until a rank fails (exit code 1)."""
+    SIGINT/SIGTERM or until node 0 stops (its ranks here see rank 0 go and exit 0): exit code 0; or until
+    a rank fails: exit code 1."""
     try:
         check_model(args)
     except (FileNotFoundError, ValueError) as e:
@@ -153,8 +155,8 @@ def serve_follower_node(args: ServerArgs) -> int:
                 if p.exitcode == 0:
                     logger.info("TP rank 0 on node 0 is gone; stopping this node")
                 else:
-                    logger.error(f"The {name} process (pid {p.pid}) died unexpectedly (exit code {p.exitcode}); "
-                                 f"stopping this node")
+                    logger.error(f"The {name} process (pid {p.pid}) died unexpectedly (exit code "
+                                 f"{p.exitcode}); stopping this node")
                     code = 1
                 break
         if stopping:

@@ -17,6 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from radixserve.server.messages import StrOut
 
@@ -41,12 +42,13 @@ E2E_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 
                1000]
 
 
-class _SchedulerCollector:
+class _SchedulerCollector(Collector):
     """Yields the latest scheduler snapshot as gauges and counters. A custom collector rather than Gauge /
     Counter objects: the scheduler already holds monotonic totals, and a prometheus Counter cannot be set."""
 
     def __init__(self, model: str) -> None:
-        self.model, self.snapshot = model, {}
+        self.model = model
+        self.snapshot: dict[str, Any] = {}  # set by Metrics.render just before each collection
 
     def collect(self) -> Iterator[Metric]:
         for families, cls in ((GAUGES, GaugeMetricFamily), (COUNTERS, CounterMetricFamily)):
@@ -60,7 +62,7 @@ class Metrics:
     def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.scheduler = _SchedulerCollector(model_name)
-        self.registry.register(self.scheduler)  # type: ignore[arg-type]
+        self.registry.register(self.scheduler)
         kw: dict[str, Any] = {"labelnames": ["model_name"], "registry": self.registry}
         self.num_requests = Counter(PREFIX + "num_requests", "Requests finished (one per choice).", **kw
                                     ).labels(model_name)

@@ -61,7 +61,7 @@ class Router:
         return None if entry is None else entry[0]
 
     def finish(self, rid: str) -> None:
-        """The API server stopped waiting for `rid` (finished, aborted or failed); unknown rids are ignored."""
+        """The API server stopped waiting for `rid` (finished, aborted, failed); unknown rids are ignored."""
         entry = self.where.pop(rid, None)
         if entry is not None:
             self.reqs[entry[0]] -= 1

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import zmq
 
 from radixserve.args import ServerArgs
-from radixserve.core import FinishReason, Req
-from radixserve.distributed.bootstrap import InputBroadcast, RankSpec, init_rank
+from radixserve.core import Req
+from radixserve.distributed.bootstrap import InputBroadcast, RankSpec, host_share, init_rank
 from radixserve.engine.engine import Engine
 from radixserve.server import messages as m
 from radixserve.server.procs import init_child, pull, push
@@ -51,7 +51,7 @@ class SchedulerLoop:
 
     def receive(self) -> list[bytes]:
         """This iteration's input frames, the same on every TP rank. Rank 0 blocks (up to IDLE_POLL_MS) only
-        when idle, so the other ranks, blocked in the broadcast meanwhile, hear from it at least that often."""
+        when idle, so the other ranks, blocked in the broadcast meanwhile, hear from it at least as often."""
         frames = self.drain() if self.recv is not None and self.recv.poll(
             0 if self.sched.has_work else IDLE_POLL_MS) else []
         if self.bcast is None:
@@ -95,7 +95,7 @@ class SchedulerLoop:
                 self.sched.cache.reset()
             text = ("Cache not flushed: requests are running." if busy else "Cache flushed.")
             self.reply(m.FlushCacheOut(msg.req_id, not busy, text))
-        elif isinstance(msg, m.GetInfoReq) and self.to_api is not None:
+        elif isinstance(msg, m.GetInfoReq):
             self.reply(m.InfoOut(msg.req_id, self.live_info()))
 
     def emit(self, reqs: list[Req]) -> None:
@@ -147,12 +147,13 @@ def memory_info(engine: Engine) -> dict:
             "vocab_size": r.cfg.vocab_size, "model_path": engine.src.path}
 
 
-def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, spec: RankSpec = RankSpec(),
+def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, spec: RankSpec | None = None,
                   local_ranks: int = 1) -> None:
     """Process entry point of one scheduler rank (`addrs` is None on nodes other than 0, whose ranks all
     follow a rank 0 elsewhere). Any exception is logged with its traceback and ends the process with code 1;
     the parent's watchdog then reports the dead scheduler and stops the server. A rank > 0 whose rank 0
     went away exits with code 0: that is how the ranks of other nodes learn that the server stopped."""
+    spec = spec or RankSpec()
     dp_tag = f" DP{spec.dp_rank}" if args.dp_size > 1 else ""
     init_child(args.log_level, f"{dp_tag} TP{spec.tp_rank}", parent_pid)
     if not spec.is_leader:  # the memory and batch lines once per replica, from its rank 0
@@ -160,7 +161,7 @@ def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, 
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         tp, cpu_group = init_rank(args, spec, local_ranks)
-        engine = Engine(args, tp)
+        engine = Engine(host_share(args, local_ranks), tp)
         if spec.dp_rank:  # replicas draw different request seeds: the n choices of a request may be spread
             engine.scheduler.rng.seed(args.seed + (spec.dp_rank << 32))
         bcast = None
@@ -172,7 +173,7 @@ def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, 
             SchedulerLoop(engine, None, None, None, bcast).run()
             return
         assert addrs is not None
-        tok_dir = os.path.join(addrs.run_dir, "tokenizer" if spec.dp_rank == 0 else f"tokenizer_dp{spec.dp_rank}")
+        tok_dir = os.path.join(addrs.run_dir, f"tokenizer_dp{spec.dp_rank}" if spec.dp_rank else "tokenizer")
         engine.tokenizer.save_pretrained(tok_dir)
         ctx = zmq.Context()
         recv, to_api = pull(ctx, addrs.scheduler_of(spec.dp_rank)), push(ctx, addrs.api)

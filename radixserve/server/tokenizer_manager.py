@@ -45,7 +45,8 @@ class RequestError(Exception):
 
 
 class TokenizerManager:
-    def __init__(self, addrs: m.Addresses, dp_size: int = 1, load_balance_method: str = "shortest_queue") -> None:
+    def __init__(self, addrs: m.Addresses, dp_size: int = 1, load_balance_method: str = "shortest_queue"
+                 ) -> None:
         """With --dp-size N there is one scheduler socket per replica and `router` picks one per request."""
         self.actx, self.ctx = zmq.asyncio.Context(), zmq.Context()
         self.recv = pull(self.actx, addrs.api)

@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,6 +98,9 @@ def load_tokenizer(src: ModelSource, tokenizer_path: str | None = None) -> Any:
 
 
 def iter_safetensors(path: str, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Whole tensors, one at a time; with --tp each rank's weight loaders copy their slice of each (every rank
+    reads the whole checkpoint, through the shared page cache; lazy per-rank slices would need the loaders
+    to take safetensors slice objects instead of tensors)."""
     from safetensors import safe_open
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
