@@ -82,7 +82,7 @@ class Server:
             code = self.proc.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"server ignored signal {sig} for {STOP_TIMEOUT_S} s:\n{self.log()[-3000:]}")
+            raise AssertionError(f"server ignored signal {sig} for {STOP_TIMEOUT_S} s:\n{self.log()[-3000:]}") from None
         self.wait_children_gone()
         return code
 

@@ -90,7 +90,7 @@ def _run_ours(path: str, prompts: list[list[int]], rounds: int = 1,
 
     runner.forward = recording_forward
     outs, cached = [], []
-    for cur_round in range(rounds):
+    for cur_round in range(rounds):  # noqa: B007 (read by recording_forward)
         reqs = [Req(list(p), SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True))
                 for p in prompts]
         index = {id(r): i for i, r in enumerate(reqs)}

@@ -2,7 +2,7 @@
 network with those switches, read from ModelConfig."""
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -12,8 +12,12 @@ from radixserve.engine.forward_batch import ForwardBatch
 from radixserve.kernels.fused import silu_and_mul
 from radixserve.layers.attention import Attention
 from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from radixserve.layers.linear import (MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear,
-                                      default_weight_loader)
+from radixserve.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    default_weight_loader,
+)
 from radixserve.layers.norm import RMSNorm
 from radixserve.layers.rotary import RotaryEmbedding
 from radixserve.models.config import ModelConfig

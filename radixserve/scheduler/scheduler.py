@@ -26,6 +26,7 @@ from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
 
+
 @dataclass
 class Launched:
     """A forward pass in flight: its batch, the requests that sample, and their tokens on the way
@@ -36,7 +37,7 @@ class Launched:
     sampled: list[Req]
     out: SampleOutput | None
     ids_cpu: torch.Tensor | None
-    copied: "torch.cuda.Event | None" = None
+    copied: torch.cuda.Event | None = None
 
 
 INIT_NEW_TOKEN_RATIO = 0.7
@@ -144,7 +145,7 @@ class Scheduler:
         done, self.pending = (self._process(self.pending) if self.pending else []), launched
         return done
 
-    def _launch(self) -> "Launched | None":
+    def _launch(self) -> Launched | None:
         batch, is_decode = self._schedule_prefill(), False
         if not batch:
             if not self.running:
@@ -319,7 +320,7 @@ class Scheduler:
         self._release(req)
 
     # ---- results ------------------------------------------------------------------------------
-    def _process(self, launched: "Launched") -> list[Req]:
+    def _process(self, launched: Launched) -> list[Req]:
         if not launched.sampled:
             return []
         if launched.copied is not None:

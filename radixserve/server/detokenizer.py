@@ -90,4 +90,4 @@ def run_detokenizer(log_level: str, addrs: m.Addresses, parent_pid: int) -> None
                 to_api.send(m.encode(detok.process(msg)))
     except Exception:
         logger.exception("Detokenizer hit an exception")
-        raise SystemExit(1)
+        raise SystemExit(1) from None

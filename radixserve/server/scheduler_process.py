@@ -185,4 +185,4 @@ def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, 
         logger.info(f"TP rank 0 is gone ({e}); the server stopped, exiting")
     except Exception:
         logger.exception("Scheduler hit an exception")
-        raise SystemExit(1)
+        raise SystemExit(1) from None

@@ -168,7 +168,7 @@ class TokenizerManager:
         try:
             return await asyncio.wait_for(fut, CONTROL_TIMEOUT_S)
         except asyncio.TimeoutError:
-            raise RequestError.server("the scheduler did not answer in time", 503)
+            raise RequestError.server("the scheduler did not answer in time", 503) from None
         finally:
             self.control.pop(req_id, None)
 
