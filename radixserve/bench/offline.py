@@ -17,17 +17,14 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import random
 import shlex
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 
-import torch
-
 from radixserve.args import ServerArgs, make_parser
+from radixserve.bench.roofline import device_name, git_commit
 from radixserve.core import Req, SamplingParams
 from radixserve.distributed.bootstrap import run_spmd
 from radixserve.distributed.group import TPGroup
@@ -74,24 +71,6 @@ def make_workload(b: argparse.Namespace, vocab: list[int], seed: int) -> list[tu
         return [(p + ids(SHARED_SUFFIX), span(b.random_output_len))
                 for p in prefixes for _ in range(per_group)]
     return [(ids(span(b.random_input_len)), span(b.random_output_len)) for _ in range(b.num_prompts or 32)]
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "cpu"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def run(engine: Engine, work: list[tuple[list[int], int]]) -> list[Req]:
