@@ -139,6 +139,13 @@ def test_models(client: openai.OpenAI, model: str) -> None:
 
 
 # ---- OpenAI API --------------------------------------------------------------------------------------
+def test_default_model_alias(client: openai.OpenAI, model: str) -> None:
+    """The README's examples say model="default": it names the one served model."""
+    kw = dict(max_tokens=8, temperature=0, messages=[{"role": "user", "content": "Hi"}])
+    aliased = client.chat.completions.create(model="default", **kw).choices[0].message.content
+    assert aliased == client.chat.completions.create(model=model, **kw).choices[0].message.content
+
+
 def test_chat_stream_equals_non_stream(client: openai.OpenAI, model: str) -> None:
     full = client.chat.completions.create(model=model, messages=CHAT, max_tokens=24, temperature=0,
                                           logprobs=True, top_logprobs=2)

@@ -157,7 +157,8 @@ class ApiBase:
         self.tm, self.args, self.info = tm, args, tm.ready.info
         self.tokenizer = tm.tokenizer
         self.model_name = tm.ready.model_name
-        self.model_names = {n for n in (self.model_name, args.served_model_name, args.model) if n}
+        # "default" always names the one served model, as in SGLang/vLLM examples and our README
+        self.model_names = {n for n in (self.model_name, args.served_model_name, args.model, "default") if n}
         self.max_len = min(self.info["context_len"], self.info["max_total_num_tokens"])
         self.created = int(time.time())
         self._tok_str: dict[int, str] = {}
