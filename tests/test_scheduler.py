@@ -64,6 +64,23 @@ def test_shared_prefix_cached_tokens(engine, page_size):
     assert_pool_clean(s)
 
 
+def test_lpm_defers_in_batch_shared_prefix(engine):
+    """Under lpm, requests sharing a long prefix with one admitted in the same batch wait a step and
+    then hit the tree; fcfs computes the shared prefix once per request."""
+    ps = prompts(engine, 4)
+    hits = {}
+    for policy in ("fcfs", "lpm"):
+        s = sched(engine, schedule_policy=policy)
+        reqs = [Req(p, SP) for p in ps]
+        out = drain(s, reqs)
+        hits[policy] = [r.cached_tokens for r in reqs]
+        assert out == drain(sched(engine, cache="naive"), [Req(p, SP) for p in ps])
+        assert_pool_clean(s)
+    assert hits["fcfs"] == [0, 0, 0, 0]
+    shared = next(i for i, (a, b) in enumerate(zip(ps[0], ps[1])) if a != b)
+    assert hits["lpm"][0] == 0 and all(h >= shared - 1 for h in hits["lpm"][1:])
+
+
 def test_eviction_small_pool_keeps_outputs(engine):
     ps = prompts(engine, 10, prefix_words=30)
     ref = drain(sched(engine, cache="naive"), [Req(p, SP) for p in ps])

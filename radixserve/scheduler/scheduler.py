@@ -44,6 +44,7 @@ INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO_FACTOR = 0.14
 NEW_TOKEN_RATIO_DECAY_STEPS = 600
 RETRACT_DECODE_STEPS = 20
+IN_BATCH_PREFIX_TOKENS = 32
 
 
 class Scheduler:
@@ -199,11 +200,19 @@ class Scheduler:
                 return batch
         if not self.waiting:
             return batch
-        cached = 0
+        cached, in_batch = 0, set()
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
             match = self.cache.match_prefix(req.fill_ids[:-1])
+            # In-batch prefix check (SGLang's, for lpm): a request that shares its opening tokens with
+            # one admitted in this batch but has no tree hit waits a step; by then the other's prompt
+            # is in the tree and this one reuses it instead of recomputing the shared prefix.
+            head = tuple(req.origin_input_ids[:IN_BATCH_PREFIX_TOKENS])
+            if self.args.schedule_policy == "lpm" and match.length < IN_BATCH_PREFIX_TOKENS and head in in_batch:
+                continue
             if not adder.add(req, match.length):
                 break
+            if len(head) == IN_BATCH_PREFIX_TOKENS:
+                in_batch.add(head)
             req.last_node, req.cached_len = match.node, match.length
             self.cache.inc_lock(match.node)
             req.req_pool_idx = self.req_to_token.alloc()
