@@ -48,6 +48,7 @@ class ServerArgs:
     disable_overlap_schedule: bool = False
     enable_overlap_schedule: bool = False
     enable_torch_compile: bool = False
+    torch_compile_max_bs: int = 32
     quantization: str | None = None
     # parallelism
     tp_size: int = 1
@@ -124,6 +125,8 @@ class ServerArgs:
             self.dist_timeout = int(os.environ.get("NCCL_TIMEOUT", "1800"))
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
+        if self.torch_compile_max_bs < 1:
+            raise ValueError(f"--torch-compile-max-bs must be >= 1, got {self.torch_compile_max_bs}")
 
     def check_supported(self) -> None:
         unsupported = {
@@ -135,7 +138,7 @@ class ServerArgs:
             or self.hicache_storage_backend is not None,
             "--disaggregation-mode": self.disaggregation_mode != "null"
             or self.disaggregation_decode_enable_offload_kvcache,
-            "--enable-torch-compile": self.enable_torch_compile,
+            "--enable-torch-compile with --tp > 1": self.enable_torch_compile and self.tp_size > 1,
         }
         bad = [name for name, used in unsupported.items() if used]
         if bad:
@@ -203,7 +206,10 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--disable-cuda-graph"], dict(action="store_true", help="Run decode eagerly.")),
     (["--disable-overlap-schedule"], dict(action="store_true", help="Do not overlap CPU scheduling with GPU.")),
     (["--enable-overlap-schedule"], dict(action="store_true", help="Overlap on CPU too (default: only on CUDA).")),
-    (["--enable-torch-compile"], dict(action="store_true", help="torch.compile the small-batch decode path.")),
+    (["--enable-torch-compile"], dict(action="store_true", help="torch.compile the decode forward for batches up "
+                                      "to --torch-compile-max-bs (fuses the small kernels of small models; slower "
+                                      "start-up: one compile per batch size).")),
+    (["--torch-compile-max-bs"], dict(type=int, help="Largest decode batch that runs compiled (default 32).")),
     (["--quantization"], dict(help="Weight quantization (not supported yet).")),
     (["--tp-size", "--tp"], dict(type=int, dest="tp_size", help="Tensor-parallel ranks (GPUs) per replica; "
                                  "a power of two that divides the attention heads.")),

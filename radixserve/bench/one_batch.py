@@ -18,7 +18,7 @@ import time
 import torch
 
 from radixserve.args import ServerArgs, make_parser
-from radixserve.bench.roofline import limits, record
+from radixserve.bench.roofline import limits, model_costs, prefill_attention_flops, record
 from radixserve.core import Req, SamplingParams
 from radixserve.distributed.bootstrap import run_spmd
 from radixserve.distributed.group import TPGroup
@@ -80,23 +80,24 @@ def bench_rank(args: ServerArgs, tp: TPGroup, bench: dict) -> dict:
     r = run_batch(engine, bs, il, ol, seed=0)
     if tp.rank:
         return {}
-    cfg = engine.runner.cfg
     tp = engine.runner.tp.size
-    weight_bytes = engine.runner.weight_bytes  # this rank's weights: each decode step reads them all once
-    kv_bytes_per_tok = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * engine.runner.dtype.itemsize / tp
-    prefill_flops = (2 * cfg.num_params * bs * il + 2 * cfg.num_layers * cfg.num_heads * cfg.head_dim * bs * il * il)
+    cost = model_costs(engine)  # this rank's share
+    # Matmul FLOPs of the prompt: every token through the layers, the LM head only at each last position.
+    prefill_flops = (2 * cost["body_params"] * bs * il + 2 * cost["head_params"] * bs
+                     + prefill_attention_flops(cost["num_layers"], cost["num_heads"], cost["head_dim"], [(0, il)] * bs))
     fig = {"model": engine.src.name, "dtype": str(engine.runner.dtype), "tp_size": tp, "batch_size": bs,
            "input_len": il, "output_len": ol, **r,
            "prefill_tok_per_s": bs * il / r["prefill_latency_s"], "decode_tok_per_s": bs / r["itl_s"],
-           "weight_bytes_per_rank": weight_bytes}
+           "weight_bytes_read_per_rank": cost["weight_bytes_read"]}
     if not bench.get("no_roofline"):
         lim = limits(args.device)
-        # bytes a decode step must move: every weight once + the KV read at the mean context length
-        step_bytes = weight_bytes + kv_bytes_per_tok * bs * (il + ol / 2)
+        # bytes a decode step must move: every weight but the (gathered) embedding table once + the KV read at
+        # the mean context length
+        step_bytes = cost["weight_bytes_read"] + cost["kv_bytes_per_token"] * bs * (il + ol / 2)
         ideal_itl = step_bytes / (lim["copy_bandwidth_GBps"] * 1e9)
+        tflops = prefill_flops / r["prefill_latency_s"] / 1e12
         fig.update(lim, ideal_itl_s=ideal_itl, decode_roofline_fraction=ideal_itl / r["itl_s"],
-                   prefill_TFLOPs=prefill_flops / tp / r["prefill_latency_s"] / 1e12,
-                   prefill_matmul_fraction=prefill_flops / tp / r["prefill_latency_s"] / 1e12 / lim["matmul_TFLOPs"])
+                   prefill_TFLOPs=tflops, prefill_matmul_fraction=tflops / lim["matmul_TFLOPs"])
     out = record(bench.get("output"), fig, args.device)
     for k, v in out.items():
         print(f"{k:>28}: {v:.4g}" if isinstance(v, float) else f"{k:>28}: {v}")

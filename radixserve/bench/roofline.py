@@ -8,8 +8,11 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 
 import torch
+
+from radixserve.kvcache.pool import KVPool
 
 
 def device_name(device: str) -> str:
@@ -68,6 +71,28 @@ def matmul_rate(device: str, n: int = 8192) -> float:
     n = n if device.startswith("cuda") else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     return 2 * n**3 / _time(lambda: a @ b, 20, device)
+
+
+def prefill_attention_flops(num_layers: int, num_heads: int, head_dim: int,
+                            spans: Iterable[tuple[int, int]]) -> int:
+    """Causal attention FLOPs of prefilling positions [start, end) of each prompt: the query at position p meets
+    ~p keys in QK^T and in PV (2 FLOPs per multiply-add), so 4*p*head_dim per head and layer, which sums over
+    [start, end) to 2*(end^2 - start^2)*head_dim."""
+    return 2 * num_layers * num_heads * head_dim * sum(e * e - s * s for s, e in spans)
+
+
+def model_costs(engine) -> dict[str, int]:
+    """This rank's sizes for the rooflines of bench.one_batch and bench.offline, read from the loaded
+    model and KV pool (engine: radixserve.engine.engine.Engine)."""
+    m, pool = engine.runner.model, engine.runner.kv_pool
+    emb, head, attn = m.model.embed_tokens.weight, m.lm_head.weight, m.model.layers[0].self_attn.attn
+    gathered = 0 if emb is head else emb.numel()  # an untied embedding table is only gathered, never multiplied
+    k = pool.k[0]  # [slots, kv heads of this rank, head_dim]
+    return {"body_params": sum(p.numel() for p in m.parameters()) - gathered - head.numel(),
+            "head_params": head.numel(),
+            "weight_bytes_read": engine.runner.weight_bytes - gathered * emb.element_size(),
+            "kv_bytes_per_token": KVPool.bytes_per_token(len(pool.k), k.shape[1], k.shape[2], k.dtype),
+            "num_layers": len(pool.k), "num_heads": attn.num_heads, "head_dim": attn.head_dim}
 
 
 def limits(device: str) -> dict:

@@ -52,9 +52,7 @@ class CudaGraphRunner:
             req_to_token=r.req_to_token_pool.req_to_token, attn=r.attn)
 
     def _run(self, bs: int) -> torch.Tensor:
-        fb = self._fb(bs)
-        self.runner.attn.init_forward_metadata(fb)
-        return self.runner.model(fb)
+        return self.runner.run_model(self._fb(bs))
 
     @torch.inference_mode()
     def _capture_all(self) -> None:

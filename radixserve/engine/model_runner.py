@@ -11,11 +11,14 @@ import torch
 
 from radixserve.args import ServerArgs
 from radixserve.attention import make_backend
-from radixserve.core import Req
+from radixserve.core import Req, int64_tensor
 from radixserve.distributed.group import TPGroup
+from radixserve.engine.compile import compile_decode
+from radixserve.engine.cuda_graph import CudaGraphRunner
 from radixserve.engine.forward_batch import ForwardBatch
 from radixserve.engine.transfer import to_device
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool
+from radixserve.layers.attention import FORWARD_CONTEXT
 from radixserve.models.config import ModelConfig
 from radixserve.models.registry import build_model
 from radixserve.weights.loader import ModelSource, load_config, load_weights
@@ -71,12 +74,14 @@ class ModelRunner:
         # Last sampled token of each request row, kept on the device: decode reads its inputs from
         # here, so step N+1 can launch before step N's tokens reach the CPU (overlap scheduling).
         self.last_token = torch.zeros(self.max_running_requests + 1, dtype=torch.int64, device=self.device)
+        self.attn_layers = [layer.self_attn.attn for layer in self.model.model.layers]
+        self.compiled_decode = (compile_decode(self.model, self.device, args.torch_compile_max_bs)
+                                if args.enable_torch_compile else None)
         self.graphs = None
         self.used_graph = False  # whether the last forward replayed a CUDA graph (for the decode log line)
         if self.device.type == "cuda" and not args.disable_cuda_graph:
             if args.attention_backend != "triton":
                 raise ValueError("CUDA graphs need --attention-backend triton; or pass --disable-cuda-graph")
-            from radixserve.engine.cuda_graph import CudaGraphRunner
             max_bs = min(args.cuda_graph_max_bs or 256, self.max_running_requests)
             self.graphs = CudaGraphRunner(self, max_bs)
 
@@ -116,26 +121,45 @@ class ModelRunner:
         self.used_graph = bool(is_decode and self.graphs is not None and self.graphs.can_run(len(reqs)))
         if self.used_graph:
             return self.graphs.replay(fb)
+        return self.run_model(fb)
+
+    def run_model(self, fb: ForwardBatch) -> torch.Tensor:
+        """One eager forward (or the one a CUDA graph captures): compiled for small decode batches under
+        --enable-torch-compile. Decode logits_idx is arange(B), so the compiled path skips the gather."""
         self.attn.init_forward_metadata(fb)
+        if self.compiled_decode is not None and fb.is_decode and fb.batch_size <= self.args.torch_compile_max_bs:
+            with FORWARD_CONTEXT.bind(fb, self.attn_layers):
+                return self.compiled_decode(fb.input_ids, fb.positions)
         return self.model(fb)
 
     def prepare(self, reqs: list[Req], is_decode: bool) -> ForwardBatch:
-        dev = self.device
-        ids = [] if is_decode else [t for r in reqs for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]]
-        prefix = torch.tensor([r.kv_len for r in reqs], dtype=torch.int64)
-        extend = torch.tensor([r.extend_len for r in reqs], dtype=torch.int64)
-        rows = torch.tensor([r.req_pool_idx for r in reqs], dtype=torch.int64)
+        """The batch's index tensors, built on the CPU and sent to the device in one copy: each
+        to_device costs a pinned staging buffer and a launch, which at batch 256 and a ~3 ms decode
+        step add up per tensor. Decode (one token per request, at position kv_len) skips the ragged
+        layout arithmetic of extend."""
+        n = len(reqs)
+        prefix, rows = int64_tensor([r.kv_len for r in reqs]), int64_tensor([r.req_pool_idx for r in reqs])
+        if is_decode:
+            extend, ids = torch.ones(n, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+            positions, token_rows = prefix, rows
+        else:
+            extend = int64_tensor([r.extend_len for r in reqs])
+            ids = int64_tensor([t for r in reqs for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]])
+            req_idx = torch.repeat_interleave(torch.arange(n), extend)
+            positions = torch.arange(int(extend.sum())) - (torch.cumsum(extend, 0) - extend)[req_idx] + prefix[req_idx]
+            token_rows = rows[req_idx]
         seq = prefix + extend
-        req_idx = torch.repeat_interleave(torch.arange(len(reqs)), extend)
-        positions = torch.arange(int(extend.sum())) - (torch.cumsum(extend, 0) - extend)[req_idx] + prefix[req_idx]
-        rows_d, positions_d = to_device(rows, dev), to_device(positions, dev)
-        input_ids = self.last_token[rows_d] if is_decode else to_device(ids, dev)
-        fb = ForwardBatch(
-            is_decode=is_decode, input_ids=input_ids, positions=positions_d,
-            out_slots=self.req_to_token_pool.req_to_token[to_device(rows[req_idx], dev), positions_d],
-            req_rows=rows_d, seq_lens=to_device(seq, dev), prefix_lens=to_device(prefix, dev),
-            extend_lens=to_device(extend, dev), logits_idx=to_device(torch.cumsum(extend, 0) - 1, dev),
-            max_seq_len=int(seq.max()),
-            max_extend_len=int(extend.max()), kv_pool=self.kv_pool,
+        # Every part starts 16-byte aligned (an even int64 offset), as a tensor of its own would: Triton
+        # specialises kernels on pointer alignment (a misaligned view would compile another variant while
+        # serving) and Inductor copies misaligned inputs.
+        parts = [positions, token_rows, ids, rows, seq, prefix, extend, torch.cumsum(extend, 0) - 1]
+        pad = torch.zeros(1, dtype=torch.int64)
+        packed = to_device(torch.cat([t for p in parts for t in (p, pad[:p.numel() % 2])]), self.device)
+        positions_d, token_rows_d, ids_d, rows_d, seq_d, prefix_d, extend_d, logits_idx_d = (
+            chunk[:p.numel()] for chunk, p in zip(packed.split([p.numel() + p.numel() % 2 for p in parts]), parts))
+        return ForwardBatch(
+            is_decode=is_decode, input_ids=self.last_token[rows_d] if is_decode else ids_d, positions=positions_d,
+            out_slots=self.req_to_token_pool.req_to_token[token_rows_d, positions_d],
+            req_rows=rows_d, seq_lens=seq_d, prefix_lens=prefix_d, extend_lens=extend_d, logits_idx=logits_idx_d,
+            max_seq_len=int(seq.max()), max_extend_len=1 if is_decode else int(extend.max()), kv_pool=self.kv_pool,
             req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)
-        return fb

@@ -1,23 +1,80 @@
-"""Attention layer: writes this step's K/V into the pool, then lets the backend attend."""
+"""Attention layer: rotary on q and k, this step's K/V into the pool (one fused kernel on GPU), then
+the backend attends.
+
+Under --enable-torch-compile the whole layer is one opaque custom op, `radixserve::attention`, so
+the traced decode graph has no breaks and Inductor fuses everything around it. A ForwardBatch is
+not a tensor and cannot cross an op boundary, so the op finds the step's batch in FORWARD_CONTEXT,
+which the model runner binds around each compiled call (and around each CUDA graph capture; a
+replay runs no Python, so nothing needs binding then).
+"""
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.kernels.fused import rotary_and_store_kv
+from radixserve.layers.rotary import RotaryEmbedding
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int,
+    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, rotary: RotaryEmbedding,
                  sliding_window: int | None = None) -> None:
         super().__init__()
         self.layer_id, self.num_heads, self.num_kv_heads, self.head_dim = layer_id, num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        self.sliding_window = sliding_window
+        self.rotary, self.sliding_window = rotary, sliding_window
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                fb: ForwardBatch | None) -> torch.Tensor:
+        """q [T, heads*head_dim] (or [T, heads, head_dim]), k, v likewise; returns [T, heads*head_dim].
+        fb None: called from a compiled graph, go through the custom op."""
+        if fb is None:
+            return torch.ops.radixserve.attention(positions, q, k, v, self.layer_id)
+        return self.attend(positions, q, k, v, fb)
+
+    def attend(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               fb: ForwardBatch) -> torch.Tensor:
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        fb.kv_pool.store(self.layer_id, fb.out_slots, k, v)
+        pool = fb.kv_pool
+        rotary_and_store_kv(positions, q, k, v, self.rotary.cos_sin, pool.k[self.layer_id], pool.v[self.layer_id],
+                            fb.out_slots)
         return fb.attn.forward(q, self, fb).reshape(q.shape[0], -1)
+
+
+class ForwardContext:
+    """The batch and attention layers a compiled graph's attention ops run against."""
+
+    def __init__(self) -> None:
+        self.batch: ForwardBatch | None = None
+        self.layers: Sequence[Attention] = ()
+
+    @contextmanager
+    def bind(self, batch: ForwardBatch, layers: Sequence[Attention]) -> Iterator[None]:
+        self.batch, self.layers = batch, layers
+        try:
+            yield
+        finally:
+            self.batch, self.layers = None, ()
+
+
+FORWARD_CONTEXT = ForwardContext()
+
+
+@torch.library.custom_op("radixserve::attention", mutates_args=("q",))
+def attention_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 layer_id: int) -> torch.Tensor:
+    ctx = FORWARD_CONTEXT
+    if ctx.batch is None:
+        raise RuntimeError("radixserve::attention called outside ForwardContext.bind()")
+    return ctx.layers[layer_id].attend(positions, q, k, v, ctx.batch)
+
+
+@attention_op.register_fake
+def _(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+    return q.new_empty(q.shape[0], q[0].numel())

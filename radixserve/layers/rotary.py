@@ -1,12 +1,11 @@
-"""Rotary position embedding (HF rotate-half layout) with Llama-3.1 and linear scaling."""
+"""Rotary position embedding (HF rotate-half layout) with Llama-3.1 and linear scaling: the cos/sin
+table; the rotation itself is fused with the KV store (kernels/fused.py rotary_and_store_kv)."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
-
-from radixserve.kernels.fused import rotary_
 
 
 def rope_inv_freq(head_dim: int, rope: dict) -> torch.Tensor:
@@ -35,8 +34,3 @@ class RotaryEmbedding(nn.Module):
         inv = rope_inv_freq(head_dim, rope)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv)
         self.register_buffer("cos_sin", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; rotated in place (one kernel on GPU)."""
-        rotary_(positions, q, k, self.cos_sin)
-        return q, k

@@ -31,19 +31,17 @@ class LlamaAttention(nn.Module):
                                           cfg.attention_bias, tp)
         self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, False, tp)
         self.q_size, self.kv_size = self.qkv_proj.heads * d, self.qkv_proj.kv_heads * d
-        self.rotary = rotary
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.attn = Attention(layer_id, self.qkv_proj.heads, self.qkv_proj.kv_heads, d, cfg.sliding_window)
+        self.attn = Attention(layer_id, self.qkv_proj.heads, self.qkv_proj.kv_heads, d, rotary, cfg.sliding_window)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, fb: ForwardBatch) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, fb: ForwardBatch | None) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        d = self.attn.head_dim
-        q, k = q.reshape(-1, self.attn.num_heads, d), k.reshape(-1, self.attn.num_kv_heads, d)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, fb))
+            d = self.attn.head_dim
+            q = self.q_norm(q.reshape(-1, self.attn.num_heads, d))
+            k = self.k_norm(k.reshape(-1, self.attn.num_kv_heads, d))
+        return self.o_proj(self.attn(positions, q, k, v, fb))
 
 
 class LlamaMLP(nn.Module):
@@ -65,7 +63,7 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
-                fb: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
+                fb: ForwardBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             x, residual = self.input_layernorm(x), x
         else:
@@ -83,10 +81,11 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, tp, rotary) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        x, residual = self.embed_tokens(fb.input_ids), None
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch | None) -> torch.Tensor:
+        """Final hidden states of every new token. fb None: traced by torch.compile (see layers/attention)."""
+        x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
-            x, residual = layer(fb.positions, x, residual, fb)
+            x, residual = layer(positions, x, residual, fb)
         return self.norm(x, residual)[0]
 
 
@@ -105,7 +104,9 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, fb: ForwardBatch) -> torch.Tensor:
         """Logits (float32) at each request's last new token: [B, vocab]."""
-        hidden = self.model(fb)[fb.logits_idx]
+        return self.logits(self.model(fb.input_ids, fb.positions, fb)[fb.logits_idx])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
     def checkpoint_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -19,7 +19,8 @@ from radixserve.engine.engine import Engine
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PRESET = os.environ.get("RADIXSERVE_GPU_TEST_PRESET", "qwen3-0.6b")
 PROMPT, FORCED = 128, 256
-MODES = {"triton+graphs": {}, "triton": dict(disable_cuda_graph=True),
+MODES = {"triton+graphs": {}, "triton+graphs+compile": dict(enable_torch_compile=True, torch_compile_max_bs=4),
+         "triton": dict(disable_cuda_graph=True),
          "torch": dict(attention_backend="torch", disable_cuda_graph=True)}
 
 
@@ -38,6 +39,8 @@ def make_engine(hf, **changes) -> Engine:
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_logits_and_teacher_forced_top1(hf, mode):
+    from torch._dynamo.utils import counters
+    counters.clear()
     engine = make_engine(hf, **MODES[mode])
     gen = torch.Generator().manual_seed(0)
     seq = torch.randint(10, hf.config.vocab_size - 10, (PROMPT + FORCED,), generator=gen).tolist()
@@ -58,7 +61,8 @@ def test_logits_and_teacher_forced_top1(hf, mode):
         batch = sched._schedule_decode()
         ours.append(engine.runner.forward(batch, is_decode=True)[0].float().clone())
         req.kv_len += 1
-    assert engine.runner.used_graph == (mode == "triton+graphs")
+    assert engine.runner.used_graph == ("graphs" in mode)
+    assert bool(counters["stats"]["unique_graphs"]) == ("compile" in mode)  # compiled graphs were captured
     sched.abort(req.rid)
     ours_t = torch.stack(ours)  # logits predicting positions PROMPT .. PROMPT+FORCED
     ref_t = ref[PROMPT - 1:PROMPT + FORCED]
