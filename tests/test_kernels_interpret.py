@@ -145,9 +145,10 @@ def main() -> None:
             torch.testing.assert_close(q2, rq, atol=tol, rtol=tol)
             torch.testing.assert_close(kc[slots], rk, atol=tol, rtol=tol)
             torch.testing.assert_close(vc[slots], v, atol=0, rtol=0)
-            fused.rotary_(pos, q, k, cs)
-            torch.testing.assert_close(q, rq, atol=tol, rtol=tol)
-            torch.testing.assert_close(k, rk, atol=tol, rtol=tol)
+            q_out = torch.empty_like(q)  # out of place: q itself stays as it was
+            fused.rotary_and_store_kv(pos, q, k, v, cs, kc, vc, slots, q_out=q_out)
+            torch.testing.assert_close(q_out, rq, atol=tol, rtol=tol)
+            torch.testing.assert_close(q, qkv[:, :H * D].view(T, H, D), atol=0, rtol=0)
     check("fused rmsnorm / silu_and_mul / rotary", fused_checks)
     assert TOL[bf16] == 2e-2
     print(f"ALL OK ({time.time() - t0:.1f}s)")

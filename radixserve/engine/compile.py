@@ -19,8 +19,10 @@ import torch._dynamo
 
 from radixserve.engine.cuda_graph import capture_sizes
 
-# SGLang's choice: Triton matmul templates are autotuned per shape, graphs stay ours (CUDA graph runner).
-CUDA_MODE = "max-autotune-no-cudagraphs"
+# Inductor's default mode: matmuls stay cuBLAS. "max-autotune-no-cudagraphs" (SGLang's) picked Triton
+# matmul templates that ran slower than cuBLAS inside our graphs for Qwen3-0.6B at batch 1 and 8 on an
+# H100 (1.70 vs 1.30 ms per step; benchmarks/README.md). Graphs stay ours (the CUDA graph runner).
+CUDA_MODE: str | None = None
 
 
 def compile_decode(model: torch.nn.Module, device: torch.device, max_bs: int) -> Callable:

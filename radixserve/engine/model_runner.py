@@ -133,33 +133,35 @@ class ModelRunner:
         return self.model(fb)
 
     def prepare(self, reqs: list[Req], is_decode: bool) -> ForwardBatch:
-        """The batch's index tensors, built on the CPU and sent to the device in one copy: each
-        to_device costs a pinned staging buffer and a launch, which at batch 256 and a ~3 ms decode
-        step add up per tensor. Decode (one token per request, at position kv_len) skips the ragged
-        layout arithmetic of extend."""
-        n = len(reqs)
-        prefix, rows = int64_tensor([r.kv_len for r in reqs]), int64_tensor([r.req_pool_idx for r in reqs])
-        if is_decode:
-            extend, ids = torch.ones(n, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
-            positions, token_rows = prefix, rows
-        else:
-            extend = int64_tensor([r.extend_len for r in reqs])
-            ids = int64_tensor([t for r in reqs for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]])
-            req_idx = torch.repeat_interleave(torch.arange(n), extend)
-            positions = torch.arange(int(extend.sum())) - (torch.cumsum(extend, 0) - extend)[req_idx] + prefix[req_idx]
-            token_rows = rows[req_idx]
+        """The batch's index tensors, packed into one CPU buffer and sent to the device in one copy: each
+        to_device costs a pinned staging buffer and a launch, which at a ~3 ms decode step add up per
+        tensor. Every part starts 16-byte aligned (an even int64 offset), as a tensor of its own would:
+        Triton specialises kernels on pointer alignment and Inductor copies misaligned inputs."""
+        n, dev = len(reqs), self.device
+        kv_lens, rows = [r.kv_len for r in reqs], [r.req_pool_idx for r in reqs]
+        if is_decode:  # one token per request, at position kv_len: send kv_lens and rows, derive the rest
+            packed = to_device(int64_tensor(kv_lens + [0] * (n % 2) + rows), dev)
+            positions_d, rows_d = packed[:n], packed[n + n % 2:]
+            return ForwardBatch(
+                is_decode=True, input_ids=self.last_token[rows_d], positions=positions_d,
+                out_slots=self.req_to_token_pool.req_to_token[rows_d, positions_d], req_rows=rows_d,
+                seq_lens=positions_d + 1, prefix_lens=positions_d, extend_lens=torch.ones_like(positions_d),
+                logits_idx=torch.arange(n, device=dev), max_seq_len=max(kv_lens) + 1, max_extend_len=1,
+                kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)
+        prefix, extend = int64_tensor(kv_lens), int64_tensor([r.extend_len for r in reqs])
+        ids = int64_tensor([t for r in reqs for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]])
+        req_idx = torch.repeat_interleave(torch.arange(n), extend)
+        positions = torch.arange(int(extend.sum())) - (torch.cumsum(extend, 0) - extend)[req_idx] + prefix[req_idx]
+        rows_t = int64_tensor(rows)
         seq = prefix + extend
-        # Every part starts 16-byte aligned (an even int64 offset), as a tensor of its own would: Triton
-        # specialises kernels on pointer alignment (a misaligned view would compile another variant while
-        # serving) and Inductor copies misaligned inputs.
-        parts = [positions, token_rows, ids, rows, seq, prefix, extend, torch.cumsum(extend, 0) - 1]
+        parts = [positions, rows_t[req_idx], ids, rows_t, seq, prefix, extend, torch.cumsum(extend, 0) - 1]
         pad = torch.zeros(1, dtype=torch.int64)
-        packed = to_device(torch.cat([t for p in parts for t in (p, pad[:p.numel() % 2])]), self.device)
+        packed = to_device(torch.cat([t for p in parts for t in (p, pad[:p.numel() % 2])]), dev)
         positions_d, token_rows_d, ids_d, rows_d, seq_d, prefix_d, extend_d, logits_idx_d = (
             chunk[:p.numel()] for chunk, p in zip(packed.split([p.numel() + p.numel() % 2 for p in parts]), parts))
         return ForwardBatch(
-            is_decode=is_decode, input_ids=self.last_token[rows_d] if is_decode else ids_d, positions=positions_d,
-            out_slots=self.req_to_token_pool.req_to_token[token_rows_d, positions_d],
-            req_rows=rows_d, seq_lens=seq_d, prefix_lens=prefix_d, extend_lens=extend_d, logits_idx=logits_idx_d,
-            max_seq_len=int(seq.max()), max_extend_len=1 if is_decode else int(extend.max()), kv_pool=self.kv_pool,
-            req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)
+            is_decode=False, input_ids=ids_d, positions=positions_d,
+            out_slots=self.req_to_token_pool.req_to_token[token_rows_d, positions_d], req_rows=rows_d,
+            seq_lens=seq_d, prefix_lens=prefix_d, extend_lens=extend_d, logits_idx=logits_idx_d,
+            max_seq_len=int(seq.max()), max_extend_len=int(extend.max()),
+            kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)

@@ -102,9 +102,25 @@ class Sampler:
         # Per-token half of the noise hash, built once. mix64 is a bijection and t * golden is injective,
         # so no two token ids share a hash (which would tie their noise in every row and step).
         self._tok_hash = _mix64((torch.arange(vocab_size, dtype=torch.int64, device=self.device) + 1) * _GOLDEN)
+        self._last_batch: list[Req] = []
+        self._last_batch_argmax = False
+
+    def _is_argmax_batch(self, reqs: list[Req]) -> bool:
+        """Whether every request is greedy with no penalty and no logprobs, so the batch's tokens are just
+        the argmax of its logits. Remembered for the last batch: a decode batch holds the same requests
+        for many steps and a request's SamplingParams do not change while it runs, so most steps pay one
+        list comparison (Reqs compare by identity, in C) instead of several checks per request."""
+        if reqs != self._last_batch:
+            self._last_batch = list(reqs)
+            self._last_batch_argmax = all(
+                p.greedy and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
+                and not p.logprobs and not p.top_logprobs for p in (r.sampling_params for r in reqs))
+        return self._last_batch_argmax
 
     def sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
         assert logits.shape == (len(reqs), self.vocab_size), (logits.shape, len(reqs), self.vocab_size)
+        if self._is_argmax_batch(reqs):  # what the general path below computes for such a batch
+            return SampleOutput(logits.float().argmax(dim=-1), None, None)
         ps, dev, logits = [r.sampling_params for r in reqs], logits.device, logits.float()
         penalised = apply_penalties(logits, reqs)
         # Greedy is an argmax for every row (cheap); only sampled rows go through softmax, filters and

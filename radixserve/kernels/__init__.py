@@ -4,6 +4,6 @@
 back to torch when Triton cannot run; `attention` (decode / extend over the paged KV pool) needs
 triton and is imported by the Triton attention backend only.
 """
-from radixserve.kernels.fused import HAS_TRITON, rmsnorm, rotary_, rotary_and_store_kv, silu_and_mul
+from radixserve.kernels.fused import HAS_TRITON, rmsnorm, rotary_and_store_kv, silu_and_mul
 
-__all__ = ["HAS_TRITON", "rmsnorm", "rotary_", "rotary_and_store_kv", "silu_and_mul"]
+__all__ = ["HAS_TRITON", "rmsnorm", "rotary_and_store_kv", "silu_and_mul"]

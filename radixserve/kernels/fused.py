@@ -4,8 +4,8 @@ Every function here has the semantics of the layer it replaces, rounding steps i
     rmsnorm       layers/norm.py RMSNorm.forward (residual add in the input dtype, norm in fp32,
                   cast back, then the weight multiply in the promoted dtype, as HF does)
     silu_and_mul  layers/activation.py (silu rounded to the input dtype, then the multiply)
-    rotary_       layers/rotary.py RotaryEmbedding (rotate-half, fp32 math, cast back), in place
-    rotary_and_store_kv   rotary_ on q plus the KV-pool store of the rotated k and of v in one pass
+    rotary_and_store_kv   rotary (HF rotate-half, fp32 math, cast back) on q and k, the KV-pool store of
+                  the rotated k and of v, in one pass
 
 The Triton path runs for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1, which is how
 the kernels are validated without a GPU); anything else takes the torch reference, so these are
@@ -29,7 +29,9 @@ except ImportError:  # CPU-only installs: the torch references below serve every
 
 
 def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Inside torch.compile the torch twins are traced instead, so Inductor can fuse them with their
+    neighbours (an opaque Triton call would stay a separate kernel)."""
+    return HAS_TRITON and not torch.compiler.is_compiling() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,33 +115,28 @@ if HAS_TRITON:
         tl.store(dst + HALF, o2.to(Dst.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotary_kernel(Positions, CosSin, Q, K, V, KDst, VCache, Slots,
-                       stride_cs, stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                       stride_kdt, stride_kdh, stride_vct, stride_vch, n_q_heads, n_k_heads,
+    def _rotary_kernel(Positions, CosSin, Q, QOut, K, V, KCache, VCache, Slots,
+                       stride_cs, stride_qt, stride_qh, stride_qot, stride_qoh, stride_kt, stride_kh,
+                       stride_vt, stride_vh, stride_kct, stride_kch, stride_vct, stride_vch, n_q_heads, n_k_heads,
                        HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                       BLOCK_HK: tl.constexpr, STORE_KV: tl.constexpr):
-        """One program per token: q in place; k in place (STORE_KV=False) or into the cache row
-        Slots[t] together with v (STORE_KV=True)."""
+                       BLOCK_HK: tl.constexpr):
+        """One program per token: rotated q into QOut, rotated k and plain v into the cache row Slots[t]."""
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(Positions + t).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_HALF)
         cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=offs_r < HALF, other=0.0)
         sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=offs_r < HALF, other=0.0)
-        _rotate_heads(Q, Q, t * stride_qt, t * stride_qt, stride_qh, stride_qh, n_q_heads, cos, sin,
+        _rotate_heads(Q, QOut, t * stride_qt, t * stride_qot, stride_qh, stride_qoh, n_q_heads, cos, sin,
                       HALF, BLOCK_HQ, BLOCK_HALF)
-        if STORE_KV:
-            slot = tl.load(Slots + t).to(tl.int64)
-            _rotate_heads(K, KDst, t * stride_kt, slot * stride_kdt, stride_kh, stride_kdh, n_k_heads,
-                          cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
-            offs_h = tl.arange(0, BLOCK_HK)
-            offs_d = tl.arange(0, 2 * BLOCK_HALF)
-            mask = (offs_h < n_k_heads)[:, None] & (offs_d < 2 * HALF)[None, :]
-            v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-            tl.store(VCache + slot * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :],
-                     v.to(VCache.dtype.element_ty), mask=mask)
-        else:
-            _rotate_heads(K, K, t * stride_kt, t * stride_kt, stride_kh, stride_kh, n_k_heads, cos, sin,
-                          HALF, BLOCK_HK, BLOCK_HALF)
+        slot = tl.load(Slots + t).to(tl.int64)
+        _rotate_heads(K, KCache, t * stride_kt, slot * stride_kct, stride_kh, stride_kch, n_k_heads,
+                      cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+        offs_h = tl.arange(0, BLOCK_HK)
+        offs_d = tl.arange(0, 2 * BLOCK_HALF)
+        mask = (offs_h < n_k_heads)[:, None] & (offs_d < 2 * HALF)[None, :]
+        v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+        tl.store(VCache + slot * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :],
+                 v.to(VCache.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +203,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
-def _rotary_launch(positions, q, k, v, cos_sin, k_dst, v_cache, slots, store_kv: bool) -> None:
+def _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots) -> None:
     T, HQ, D = q.shape
     HK = k.shape[1]
     assert D % 2 == 0 and cos_sin.shape[-1] == D and k.shape[2] == D and k.shape[0] == T
@@ -216,43 +213,31 @@ def _rotary_launch(positions, q, k, v, cos_sin, k_dst, v_cache, slots, store_kv:
     half = D // 2
     block_half = triton.next_power_of_2(half)
     _rotary_kernel[(T,)](
-        positions, cos_sin, q, k, v, k_dst, v_cache, slots, cos_sin.stride(0),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_dst.stride(0), k_dst.stride(1), v_cache.stride(0), v_cache.stride(1), HQ, HK,
+        positions, cos_sin, q, q_out, k, v, k_cache, v_cache, slots, cos_sin.stride(0),
+        q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), k.stride(0), k.stride(1), v.stride(0),
+        v.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), HQ, HK,
         HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=triton.next_power_of_2(HQ),
-        BLOCK_HK=triton.next_power_of_2(HK), STORE_KV=store_kv,
-        num_warps=4 if triton.next_power_of_2(HQ) * block_half <= 2048 else 8)
-
-
-def rotary_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
-    """Rotate q [T, H, D] and k [T, KVH, D] in place (strided views, e.g. into a fused qkv output,
-    are fine as long as the last dim is contiguous). cos_sin: [max_pos, D] fp32 = cat(cos, sin).
-    Returns (q, k) for convenience."""
-    if not _use_triton(q):
-        qr, kr = rotary_ref(positions, q, k, cos_sin)
-        q.copy_(qr)
-        k.copy_(kr)
-        return q, k
-    _rotary_launch(positions, q, k, k, cos_sin, k, k, positions, store_kv=False)
-    return q, k
+        BLOCK_HK=triton.next_power_of_2(HK), num_warps=4 if triton.next_power_of_2(HQ) * block_half <= 2048 else 8)
 
 
 def rotary_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slots: torch.Tensor) -> torch.Tensor:
-    """Rotate q in place and write rotated k and plain v into k_cache/v_cache [num_slots, KVH, D]
-    at `slots` [T] (cast to the cache dtype), i.e. rotary_ + KVPool.store in one pass. k itself
-    is left unrotated (the attention kernels read K from the cache only). Returns q."""
+                        slots: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate q into q_out (default: in place) and write rotated k and plain v into k_cache/v_cache
+    [num_slots, KVH, D] at `slots` [T] (cast to the cache dtype), i.e. rotary + KVPool.store in one
+    pass. k itself is left unrotated (the attention kernels read K from the cache only). Returns q_out."""
+    q_out = q if q_out is None else q_out
     if not _use_triton(q):
         cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        q.copy_(_rotate_ref(q, cos, sin))
+        q_out.copy_(_rotate_ref(q, cos, sin))
         k_cache[slots] = _rotate_ref(k, cos, sin).to(k_cache.dtype)
         v_cache[slots] = v.to(v_cache.dtype)
-        return q
+        return q_out
     assert v.shape == k.shape and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
-    _rotary_launch(positions, q, k, v, cos_sin, k_cache, v_cache, slots, store_kv=True)
-    return q
+    assert q_out.shape == q.shape and q_out.stride(-1) == 1
+    _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots)
+    return q_out
 
 
-__all__ = ["HAS_TRITON", "rmsnorm", "rmsnorm_ref", "rotary_", "rotary_and_store_kv", "rotary_ref",
+__all__ = ["HAS_TRITON", "rmsnorm", "rmsnorm_ref", "rotary_and_store_kv", "rotary_ref",
            "silu_and_mul", "silu_and_mul_ref"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from radixserve.core import int64_tensor
+
 
 class OutOfSlots(RuntimeError):
     """Raised when an allocation cannot be served; the scheduler evicts or retracts and retries."""
@@ -37,7 +39,7 @@ class PageAllocator:
             raise OutOfSlots(f"need {n} pages, {len(self.free_pages)} free")
         pages = self.free_pages[len(self.free_pages) - n:]
         del self.free_pages[len(self.free_pages) - n:]
-        return torch.tensor(pages, dtype=torch.int64)
+        return int64_tensor(pages)
 
     def pages_needed(self, cur_len: int, new_len: int) -> int:
         """Pages a request holding `cur_len` positions needs to grow to `new_len`."""
@@ -67,6 +69,8 @@ class PageAllocator:
 
     def alloc_decode(self, kv_lens: torch.Tensor, last_slots: torch.Tensor) -> torch.Tensor:
         """One new slot per request, vectorised: the next slot of the last page, or a fresh page."""
+        if self.page_size == 1:  # token-granular: every new token is a fresh page
+            return self.alloc_pages(kv_lens.numel())
         need_page = kv_lens % self.page_size == 0
         slots = last_slots + 1
         n = int(need_page.sum())

@@ -187,7 +187,8 @@ class RadixCache:
             if m < len(child.key):
                 child = self._split(child, m)
             ours = slots[pos: pos + m]
-            self.allocator.free(ours[ours != child.value])  # equal slots are our own matched prefix
+            if not torch.equal(ours, child.value):  # equal slots are our own matched prefix (the usual case)
+                self.allocator.free(ours[ours != child.value])
             child.last_access = now
             cur, pos = child, pos + m
 

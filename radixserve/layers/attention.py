@@ -37,13 +37,13 @@ class Attention(nn.Module):
         return self.attend(positions, q, k, v, fb)
 
     def attend(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               fb: ForwardBatch) -> torch.Tensor:
+               fb: ForwardBatch, rotate_in_place: bool = True) -> torch.Tensor:
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         pool = fb.kv_pool
-        rotary_and_store_kv(positions, q, k, v, self.rotary.cos_sin, pool.k[self.layer_id], pool.v[self.layer_id],
-                            fb.out_slots)
+        q = rotary_and_store_kv(positions, q, k, v, self.rotary.cos_sin, pool.k[self.layer_id], pool.v[self.layer_id],
+                                fb.out_slots, None if rotate_in_place else torch.empty_like(q))
         return fb.attn.forward(q, self, fb).reshape(q.shape[0], -1)
 
 
@@ -66,13 +66,15 @@ class ForwardContext:
 FORWARD_CONTEXT = ForwardContext()
 
 
-@torch.library.custom_op("radixserve::attention", mutates_args=("q",))
+# The op leaves its inputs alone (q is rotated into a new buffer): declaring a mutation would make
+# Inductor copy q before every call.
+@torch.library.custom_op("radixserve::attention", mutates_args=())
 def attention_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  layer_id: int) -> torch.Tensor:
     ctx = FORWARD_CONTEXT
     if ctx.batch is None:
         raise RuntimeError("radixserve::attention called outside ForwardContext.bind()")
-    return ctx.layers[layer_id].attend(positions, q, k, v, ctx.batch)
+    return ctx.layers[layer_id].attend(positions, q, k, v, ctx.batch, rotate_in_place=False)
 
 
 @attention_op.register_fake

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from radixserve.args import ServerArgs
-from radixserve.core import FinishReason, Req
+from radixserve.core import FinishReason, Req, int64_tensor
 from radixserve.detokenizer import IncrementalDetokenizer, find_stop
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampler import SampleOutput, Sampler
@@ -76,6 +76,9 @@ class Scheduler:
         self.pending: Launched | None = None
         self.max_running = min(args.max_running_requests or runner.max_running_requests,
                                runner.max_running_requests)
+        # The last decode batch's req_to_token rows on the device, built by _schedule_decode: the same
+        # rows receive the step's sampled tokens in runner.last_token.
+        self.decode_rows: torch.Tensor | None = None
 
     # ---- requests in and out ----------------------------------------------------------------
     def validate(self, prompt_len: int, max_new_tokens: int) -> None:
@@ -153,20 +156,25 @@ class Scheduler:
                 return None
             batch, is_decode = self._schedule_decode(), True
         logits = self.runner.forward(batch, is_decode=is_decode)
-        for req in batch:
-            req.kv_len += req.extend_len
-            if not is_decode:
-                self._cache_running(req)
-        if is_decode:
+        if is_decode:  # one token each, and every request samples
+            for req in batch:
+                req.kv_len += 1
             self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=self.runner.used_graph)
-        rows = [i for i, r in enumerate(batch) if r.kv_len >= r.seqlen]  # cut prompts sample nothing
-        sampled = [batch[i] for i in rows]
-        if not sampled:
-            return Launched(batch, is_decode, [], None, None)
-        if len(rows) < len(batch):
-            logits = logits[to_device(rows, self.runner.device)]
+            sampled, sampled_rows = batch, self.decode_rows
+        else:
+            for req in batch:
+                req.kv_len += req.extend_len
+                self._cache_running(req)
+            idx = [i for i, r in enumerate(batch) if r.kv_len >= r.seqlen]  # cut prompts sample nothing
+            sampled = [batch[i] for i in idx]
+            if not sampled:
+                return Launched(batch, is_decode, [], None, None)
+            dev = self.runner.device
+            if len(idx) < len(batch):
+                logits = logits[to_device(int64_tensor(idx), dev)]
+            sampled_rows = to_device(int64_tensor([r.req_pool_idx for r in sampled]), dev)
         out = self.sampler.sample(logits, sampled)
-        self.runner.last_token[to_device([r.req_pool_idx for r in sampled], self.runner.device)] = out.next_token_ids
+        self.runner.last_token[sampled_rows] = out.next_token_ids
         ids_cpu = out.next_token_ids.to("cpu", non_blocking=True)
         done = None
         if ids_cpu.device != out.next_token_ids.device:  # a non-blocking D2H copy is only valid after this
@@ -175,6 +183,8 @@ class Scheduler:
         return Launched(batch, is_decode, sampled, out, ids_cpu, done)
 
     def _schedule_prefill(self) -> list[Req]:
+        if self.chunked is None and not self.waiting:
+            return []  # nothing to admit: skip the reservation pass over every running request
         reserve = sum(reserved_tokens(r, self.new_token_ratio) for r in self.running)
         if self.chunked is not None:
             reserve += self.chunked.seqlen - self.chunked.kv_len
@@ -254,7 +264,7 @@ class Scheduler:
     def _cache_running(self, req: Req) -> None:
         """Share a prefilled prompt (or chunk) through the cache at once, not only when the request
         finishes: requests admitted meanwhile that share the prefix hit it."""
-        m = self.cache.cache_running(req.fill_ids[:req.kv_len], torch.tensor(req.slots[:req.kv_len]),
+        m = self.cache.cache_running(req.fill_ids[:req.kv_len], int64_tensor(req.slots[:req.kv_len]),
                                      req.last_node, req.cached_len)
         if m.length > req.cached_len:
             self.req_to_token.write(req.req_pool_idx, 0, m.slots)
@@ -262,13 +272,15 @@ class Scheduler:
             req.last_node, req.cached_len = m.node, m.length
 
     def _schedule_decode(self) -> list[Req]:
+        """Give every running request the slot of its next token and write it into req_to_token.
+        Rows, positions and slots cross to the device in one copy (a fixed cost per copy)."""
         self._ensure_decode_memory()
         reqs = self.running
-        kv_lens = [r.kv_len for r in reqs]
-        slots = self.allocator.alloc_decode(torch.tensor(kv_lens), torch.tensor([r.slots[-1] for r in reqs]))
-        dev = self.runner.device
-        self.req_to_token.req_to_token[to_device([r.req_pool_idx for r in reqs], dev),
-                                       to_device(kv_lens, dev)] = to_device(slots, dev)
+        kv_lens = int64_tensor([r.kv_len for r in reqs])
+        slots = self.allocator.alloc_decode(kv_lens, int64_tensor([r.slots[-1] for r in reqs]))
+        rows = int64_tensor([r.req_pool_idx for r in reqs])
+        self.decode_rows, kv_lens_d, slots_d = to_device(torch.stack([rows, kv_lens, slots]), self.runner.device)
+        self.req_to_token.req_to_token[self.decode_rows, kv_lens_d] = slots_d
         for r, slot in zip(reqs, slots.tolist()):
             r.extend_len = 1
             r.slots.append(slot)
@@ -276,6 +288,8 @@ class Scheduler:
         return list(reqs)
 
     def _decode_need(self, reqs: list[Req]) -> int:
+        if self.page_size == 1:  # every new token is a fresh page
+            return len(reqs)
         return sum(self.page_size for r in reqs if r.kv_len % self.page_size == 0)
 
     def _ensure_decode_memory(self) -> None:
@@ -299,10 +313,10 @@ class Scheduler:
         need = self._decode_need(self.running)
         if need > self.allocator.free_tokens:
             self.cache.evict(need - self.allocator.free_tokens)
-        total_decoded = sum(len(r.output_ids) for r in self.running)
-        total_max_new = sum(r.sampling_params.max_new_tokens for r in self.running)
         if not retracted:
             return
+        total_decoded = sum(len(r.output_ids) for r in self.running)
+        total_max_new = sum(r.sampling_params.max_new_tokens for r in self.running)
         old = self.new_token_ratio
         self.new_token_ratio = min(1.0, (total_decoded + RETRACT_DECODE_STEPS * len(self.running))
                                    / (total_max_new + 1))
@@ -319,7 +333,7 @@ class Scheduler:
         if req.req_pool_idx is None:
             return
         # req.slots may run past kv_len (a step scheduled but never run): those pages are freed too
-        self.cache.release(req.fill_ids[:req.kv_len], torch.tensor(req.slots, dtype=torch.int64), req.last_node,
+        self.cache.release(req.fill_ids[:req.kv_len], int64_tensor(req.slots), req.last_node,
                            req.cached_len)
         self.req_to_token.free(req.req_pool_idx)
         req.req_pool_idx, req.last_node, req.kv_len, req.cached_len, req.slots = None, None, 0, 0, []
@@ -337,24 +351,27 @@ class Scheduler:
         ids = launched.ids_cpu.tolist()
         out = launched.out
         lps = out.logprobs.tolist() if out.logprobs is not None else None
-        done = []
+        done, finished = [], []
         for i, (req, tok) in enumerate(zip(launched.sampled, ids)):
-            if req.finished:  # finished (or aborted) while this step was in flight: its token is void
+            if req.finish_reason is not None:  # finished (or aborted) while this step was in flight: void
                 continue
             req.output_ids.append(tok)
             if lps is not None and (req.sampling_params.logprobs or req.sampling_params.top_logprobs):
                 req.output_logprobs.append(lps[i])
                 req.output_top_logprobs.append(out.top_logprobs[i] if out.top_logprobs else [])
-            self.stats.generation_tokens_total += 1
             self._check_finished(req, tok)
-            if req.finished:
-                for queue in (self.running, self.waiting):  # waiting: retracted while in flight
-                    if req in queue:
-                        queue.remove(req)
-                self._release(req)
+            if req.finish_reason is not None:
+                finished.append(req)
             elif not launched.is_decode:
                 self.running.append(req)  # prefill done: decode from the next step
             done.append(req)
+        self.stats.generation_tokens_total += len(done)
+        if finished:  # one pass over each queue instead of a list.remove per request
+            gone = set(finished)
+            self.running[:] = [r for r in self.running if r not in gone]
+            self.waiting[:] = [r for r in self.waiting if r not in gone]  # waiting: retracted while in flight
+            for req in finished:
+                self._release(req)
         return done
 
     def _check_finished(self, req: Req, tok: int) -> None:

@@ -263,7 +263,7 @@ def test_silu_and_mul(dtype, T, N):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("T,H,KVH,D", [(1, 9, 3, 64), (257, 32, 8, 128)])
 def test_rotary(dtype, T, H, KVH, D):
-    from radixserve.kernels.fused import rotary_, rotary_and_store_kv, rotary_ref
+    from radixserve.kernels.fused import rotary_and_store_kv, rotary_ref
     cs = rope_cache(8192, D).to(DEV)
     pos = torch.randint(1, 8192, (T,), device=DEV)
     # q/k as strided views into one fused qkv output, like the model produces them.
@@ -282,7 +282,8 @@ def test_rotary(dtype, T, H, KVH, D):
     torch.testing.assert_close(k, k_orig, atol=0, rtol=0)  # k untouched
     torch.testing.assert_close(kc[slots], ref_k, atol=tol, rtol=tol)
     torch.testing.assert_close(vc[slots], ref_v, atol=0, rtol=0)
-    rotary_(pos, q, k, cs)
-    torch.testing.assert_close(q, ref_q, atol=tol, rtol=tol)
-    torch.testing.assert_close(k, ref_k, atol=tol, rtol=tol)
+    q_before, q_out = q.clone(), torch.empty_like(q)
+    rotary_and_store_kv(pos, q, k, v, cs, kc, vc, slots, q_out=q_out)  # out of place
+    torch.testing.assert_close(q_out, ref_q, atol=tol, rtol=tol)
+    torch.testing.assert_close(q, q_before, atol=0, rtol=0)
     torch.testing.assert_close(qkv[:, -KVH * D:].view(T, KVH, D), ref_v, atol=0, rtol=0)  # v untouched
