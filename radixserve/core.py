@@ -6,22 +6,11 @@ holds per-request state.
 """
 from __future__ import annotations
 
-import array
 import enum
 import itertools
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-
-
-def int64_tensor(values: Iterable[int]) -> torch.Tensor:
-    """A CPU int64 tensor of Python ints, for the per-request index lists a step builds (rows, lengths,
-    slots). torch.tensor converts a list element by element (~0.1-0.2 us each, tens of us at batch
-    256); array.array packs the ints in C and torch.frombuffer wraps that buffer without a copy (the
-    tensor keeps the array alive), several times faster."""
-    buf = array.array("q", values)
-    return torch.frombuffer(buf, dtype=torch.int64) if buf else torch.empty(0, dtype=torch.int64)
 
 
 @dataclass

@@ -11,12 +11,12 @@ import torch
 
 from radixserve.args import ServerArgs
 from radixserve.attention import make_backend
-from radixserve.core import Req, int64_tensor
+from radixserve.core import Req
 from radixserve.distributed.group import TPGroup
 from radixserve.engine.compile import compile_decode
 from radixserve.engine.cuda_graph import CudaGraphRunner
 from radixserve.engine.forward_batch import ForwardBatch
-from radixserve.engine.transfer import to_device
+from radixserve.engine.transfer import int64_tensor, to_device
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool
 from radixserve.layers.attention import FORWARD_CONTEXT
 from radixserve.models.config import ModelConfig

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 
 from radixserve.args import ServerArgs
-from radixserve.core import FinishReason, Req, int64_tensor
+from radixserve.core import FinishReason, Req
 from radixserve.detokenizer import IncrementalDetokenizer, find_stop
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampler import SampleOutput, Sampler
-from radixserve.engine.transfer import to_device
+from radixserve.engine.transfer import int64_tensor, to_device
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.kvcache.naive_cache import NaiveCache
 from radixserve.kvcache.radix_cache import RadixCache
