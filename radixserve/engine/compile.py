@@ -1,14 +1,15 @@
 """--enable-torch-compile: decode batches up to --torch-compile-max-bs run a torch.compile'd forward.
 
 At small batch a decode step is hundreds of short kernels; Inductor fuses the elementwise work between
-the matmuls (residual add + RMSNorm, SiLU-and-mul, q/k norm, the final norm and the logits cast) and
-can pick matmul kernels tuned for the exact shape. That is where the tuning guide says compile pays:
-small models at small batch sizes. Larger batches run the eager model, as in SGLang.
+the matmuls (residual add + RMSNorm, SiLU-and-mul, q/k norm, the final norm and the logits cast) into
+fewer. That is where the tuning guide says compile pays: small models at small batch sizes. Larger
+batches run the eager model, as in SGLang.
 
 The traced function takes only tensors, and attention is one opaque op (layers/attention.py), so no
-int or object attribute of a batch becomes a guard: one graph serves every step of a batch size. On
-CUDA each padded batch size gets its own static-shape graph, which the CUDA graph runner captures; on
-CPU, where batch sizes are not padded, one shape-generic graph serves them all.
+int or object attribute of a batch becomes a guard: one graph serves every step of a batch size. With
+CUDA graphs each padded batch size gets its own static-shape graph, which the CUDA graph runner
+captures; without them (CPU, --disable-cuda-graph) batch sizes are not padded, and one shape-generic
+graph serves them all.
 """
 from __future__ import annotations
 
@@ -25,13 +26,13 @@ from radixserve.engine.cuda_graph import capture_sizes
 CUDA_MODE: str | None = None
 
 
-def compile_decode(model: torch.nn.Module, device: torch.device, max_bs: int) -> Callable:
+def compile_decode(model: torch.nn.Module, device: torch.device, max_bs: int, cuda_graphs: bool) -> Callable:
     """(input_ids [B], positions [B]) -> logits [B, vocab] float32, for a decode batch bound to
     layers.attention.FORWARD_CONTEXT."""
     def decode(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return model.logits(model.model(input_ids, positions, None))
 
-    cuda = device.type == "cuda"
     # one graph per captured batch size; torch's default allows 8 before falling back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(capture_sizes(max_bs)) + 2)
-    return torch.compile(decode, fullgraph=True, dynamic=not cuda, mode=CUDA_MODE if cuda else None)
+    return torch.compile(decode, fullgraph=True, dynamic=not cuda_graphs,
+                         mode=CUDA_MODE if device.type == "cuda" else None)

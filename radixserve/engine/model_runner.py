@@ -75,11 +75,12 @@ class ModelRunner:
         # here, so step N+1 can launch before step N's tokens reach the CPU (overlap scheduling).
         self.last_token = torch.zeros(self.max_running_requests + 1, dtype=torch.int64, device=self.device)
         self.attn_layers = [layer.self_attn.attn for layer in self.model.model.layers]
-        self.compiled_decode = (compile_decode(self.model, self.device, args.torch_compile_max_bs)
+        use_graphs = self.device.type == "cuda" and not args.disable_cuda_graph
+        self.compiled_decode = (compile_decode(self.model, self.device, args.torch_compile_max_bs, use_graphs)
                                 if args.enable_torch_compile else None)
         self.graphs = None
         self.used_graph = False  # whether the last forward replayed a CUDA graph (for the decode log line)
-        if self.device.type == "cuda" and not args.disable_cuda_graph:
+        if use_graphs:
             if args.attention_backend != "triton":
                 raise ValueError("CUDA graphs need --attention-backend triton; or pass --disable-cuda-graph")
             max_bs = min(args.cuda_graph_max_bs or 256, self.max_running_requests)
