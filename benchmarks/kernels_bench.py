@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from radixserve.attention.torch_backend import TorchAttentionBackend
 from radixserve.bench.roofline import copy_bandwidth, device_name, git_commit
-from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.forward_batch import ForwardBatch
 from radixserve.kernels import attention as KA
 from radixserve.kernels import fused
 from radixserve.kvcache.pool import KVPool

@@ -7,7 +7,7 @@ from typing import Any
 
 from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 
 
 @dataclass

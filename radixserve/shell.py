@@ -17,7 +17,7 @@ from typing import TextIO
 from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams
 from radixserve.detokenizer import IncrementalDetokenizer
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 from radixserve.server.procs import setup_logging
 
 PROMPT = ">>> "

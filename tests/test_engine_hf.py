@@ -13,7 +13,7 @@ import torch
 
 from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 from radixserve.scheduler.scheduler import Scheduler
 from radixserve.weights.loader import bundled_model_path
 

@@ -11,7 +11,7 @@ import pytest
 
 from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 from radixserve.scheduler.scheduler import Scheduler
 
 SP = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)

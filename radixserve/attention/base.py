@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:
-    from radixserve.engine.forward_batch import ForwardBatch
+    from radixserve.forward_batch import ForwardBatch
     from radixserve.layers.attention import Attention
 
 

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.attention.torch_backend import TorchAttentionBackend
-from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.forward_batch import ForwardBatch
 from radixserve.layers.attention import Attention
 
 try:

@@ -15,7 +15,7 @@ from radixserve.args import make_parser
 from radixserve.bench.one_batch import split_args
 from radixserve.bench.roofline import record
 from radixserve.core import Req, SamplingParams
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 
 
 def busy_fraction(intervals: list[tuple[float, float]]) -> tuple[float, float]:

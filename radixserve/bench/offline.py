@@ -30,7 +30,7 @@ from radixserve.bench.roofline import device_name, git_commit, limits, model_cos
 from radixserve.core import Req, SamplingParams
 from radixserve.distributed.bootstrap import run_spmd
 from radixserve.distributed.group import TPGroup
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 
 BENCH_FLAGS = ("workload", "num_prompts", "random_input_len", "random_output_len", "random_range_ratio",
                "output", "save_output_ids")

@@ -22,7 +22,7 @@ from radixserve.bench.roofline import limits, model_costs, prefill_attention_flo
 from radixserve.core import Req, SamplingParams
 from radixserve.distributed.bootstrap import run_spmd
 from radixserve.distributed.group import TPGroup
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 
 
 def split_args(ns: argparse.Namespace, bench_keys: set[str]) -> tuple[ServerArgs, dict]:

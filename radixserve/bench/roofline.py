@@ -83,7 +83,7 @@ def prefill_attention_flops(num_layers: int, num_heads: int, head_dim: int,
 
 def model_costs(engine) -> dict[str, int]:
     """This rank's sizes for the rooflines of bench.one_batch and bench.offline, read from the loaded
-    model and KV pool (engine: radixserve.engine.engine.Engine)."""
+    model and KV pool (engine: radixserve.engine_unit.Engine)."""
     m, pool = engine.runner.model, engine.runner.kv_pool
     emb, head, attn = m.model.embed_tokens.weight, m.lm_head.weight, m.model.layers[0].self_attn.attn
     gathered = 0 if emb is head else emb.numel()  # an untied embedding table is only gathered, never multiplied

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.forward_batch import ForwardBatch
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from radixserve.core import Req
 from radixserve.distributed.group import TPGroup
 from radixserve.engine.compile import compile_decode
 from radixserve.engine.cuda_graph import CudaGraphRunner
-from radixserve.engine.forward_batch import ForwardBatch
-from radixserve.engine.transfer import int64_tensor, to_device
+from radixserve.forward_batch import ForwardBatch
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool
 from radixserve.layers.attention import FORWARD_CONTEXT
 from radixserve.models.config import ModelConfig
 from radixserve.models.registry import build_model
+from radixserve.transfer import int64_tensor, to_device
 from radixserve.weights.loader import ModelSource, load_config, load_weights
 
 logger = logging.getLogger(__name__)

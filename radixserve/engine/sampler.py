@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.core import Req
-from radixserve.engine.transfer import to_device
+from radixserve.transfer import to_device
 
 
 def _i64(x: int) -> int:

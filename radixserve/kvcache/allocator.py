@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from radixserve.engine.transfer import int64_tensor
+from radixserve.transfer import int64_tensor
 
 
 class OutOfSlots(RuntimeError):

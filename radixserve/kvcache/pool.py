@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from radixserve.engine.transfer import to_device
+from radixserve.transfer import to_device
 
 
 class KVPool:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.forward_batch import ForwardBatch
 from radixserve.kernels.fused import rotary_and_store_kv
 from radixserve.layers.rotary import RotaryEmbedding
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from radixserve.distributed.group import TPGroup
-from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.forward_batch import ForwardBatch
 from radixserve.kernels.fused import silu_and_mul
 from radixserve.layers.attention import Attention
 from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding

@@ -18,13 +18,13 @@ from radixserve.core import FinishReason, Req
 from radixserve.detokenizer import IncrementalDetokenizer, find_stop
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampler import SampleOutput, Sampler
-from radixserve.engine.transfer import int64_tensor, to_device
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.kvcache.naive_cache import NaiveCache
 from radixserve.kvcache.radix_cache import RadixCache
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
+from radixserve.transfer import int64_tensor, to_device
 
 
 @dataclass

@@ -19,7 +19,7 @@ import zmq
 from radixserve.args import ServerArgs
 from radixserve.core import Req
 from radixserve.distributed.bootstrap import InputBroadcast, RankSpec, host_share, init_rank
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 from radixserve.server import messages as m
 from radixserve.server.procs import init_child, pull, push
 
@@ -157,7 +157,7 @@ def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, 
     dp_tag = f" DP{spec.dp_rank}" if args.dp_size > 1 else ""
     init_child(args.log_level, f"{dp_tag} TP{spec.tp_rank}", parent_pid)
     if not spec.is_leader:  # the memory and batch lines once per replica, from its rank 0
-        for name in ("radixserve.scheduler", "radixserve.engine.engine"):
+        for name in ("radixserve.scheduler", "radixserve.engine_unit"):
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         tp, cpu_group = init_rank(args, spec, local_ranks)

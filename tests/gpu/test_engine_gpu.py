@@ -14,7 +14,7 @@ import torch
 
 from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams
-from radixserve.engine.engine import Engine
+from radixserve.engine_unit import Engine
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 PRESET = os.environ.get("RADIXSERVE_GPU_TEST_PRESET", "qwen3-0.6b")

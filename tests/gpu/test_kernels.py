@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from radixserve.attention.torch_backend import TorchAttentionBackend
-from radixserve.engine.forward_batch import ForwardBatch
+from radixserve.forward_batch import ForwardBatch
 from radixserve.kvcache.pool import KVPool
 from radixserve.layers.attention import Attention
 

@@ -1,0 +1,32 @@
+"""Arrows point down: the low layers (layers/, models/, attention/, kvcache/) never import from the
+engine or the server, so each can be reused and tested without them."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "radixserve"
+LOW = ("layers", "models", "attention", "kvcache")
+HIGH = ("radixserve.engine", "radixserve.engine_unit", "radixserve.server", "radixserve.scheduler",
+        "radixserve.llm", "radixserve.shell", "radixserve.bench")
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+        elif isinstance(node, ast.Import):
+            names.extend(a.name for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("room", LOW)
+def test_low_layers_do_not_import_upward(room: str) -> None:
+    files = sorted((PKG / room).rglob("*.py"))
+    assert files, f"no modules under radixserve/{room}"
+    bad = [f"{f.relative_to(PKG)} imports {m}" for f in files for m in _imports(f)
+           if any(m == h or m.startswith(h + ".") for h in HIGH)]
+    assert not bad, "upward imports:\n" + "\n".join(bad)
