@@ -52,6 +52,7 @@ class ServerArgs:
     quantization: str | None = None
     # parallelism
     tp_size: int = 1
+    ep_size: int = 1
     dp_size: int = 1
     load_balance_method: str = "shortest_queue"
     nnodes: int = 1
@@ -106,6 +107,10 @@ class ServerArgs:
             raise ValueError(f"--tp {tp}: the TP size must be a power of two (1, 2, 4, 8, ...)")
         if self.dp_size < 1:
             raise ValueError(f"--dp-size must be >= 1, got {self.dp_size}")
+        if self.ep_size != 1 and self.ep_size != tp:
+            raise ValueError(f"--ep-size {self.ep_size} must equal --tp {tp} (as in SGLang: the experts are "
+                             f"spread over the TP ranks while attention stays tensor-parallel); use --ep-size {tp} "
+                             f"or leave it at 1")
         if self.load_balance_method not in ("round_robin", "shortest_queue", "prefix"):
             raise ValueError(f"--load-balance-method {self.load_balance_method!r}: choose round_robin, "
                              f"shortest_queue or prefix")
@@ -213,6 +218,9 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--quantization"], dict(help="Weight quantization (not supported yet).")),
     (["--tp-size", "--tp"], dict(type=int, dest="tp_size", help="Tensor-parallel ranks (GPUs) per replica; "
                                  "a power of two that divides the attention heads.")),
+    (["--ep-size", "--ep"], dict(type=int, dest="ep_size", help="Expert parallelism for MoE models: equal to "
+                                 "--tp, each rank then holds E/tp whole experts instead of a 1/tp slice of every "
+                                 "expert (attention stays tensor-parallel). Default 1.")),
     (["--dp-size"], dict(type=int, help="Data-parallel replicas, each with its own TP group, behind one API "
                          "server.")),
     (["--load-balance-method"], dict(choices=["round_robin", "shortest_queue", "prefix"],

@@ -87,8 +87,16 @@ def check_layout(args: ServerArgs, cfg: ModelConfig) -> None:
     if cfg.num_kv_heads % tp and tp % cfg.num_kv_heads:
         raise ValueError(f"--tp {tp} and the model's {cfg.num_kv_heads} KV heads: one must divide the other "
                          f"(KV heads are split, or replicated when there are fewer than ranks)")
-    if cfg.intermediate_size % tp:
+    if cfg.intermediate_size % tp and any(not cfg.is_moe_layer(n) for n in range(cfg.num_layers)):
         raise ValueError(f"--tp {tp} does not divide the MLP size {cfg.intermediate_size}")
+    if cfg.moe is not None:
+        m = cfg.moe
+        if args.ep_size > 1 and m.num_experts % args.ep_size:
+            raise ValueError(f"--ep-size {args.ep_size} does not divide the model's {m.num_experts} experts: each "
+                             f"rank must hold whole experts; use an EP size that divides {m.num_experts}")
+        if args.ep_size == 1 and m.intermediate_size % tp:
+            raise ValueError(f"--tp {tp} does not divide the expert size {m.intermediate_size}: pass --ep-size {tp} "
+                             f"to give each rank whole experts instead")
     if args.device == "cuda":
         need, have = args.dp_size * local_tp(args), torch.cuda.device_count()
         if need > have:

@@ -55,7 +55,7 @@ class ModelRunner:
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
-                self.model = build_model(self.cfg, tp)
+                self.model = build_model(self.cfg, tp, args.ep_size)
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, src, args.load_format, args.seed)

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-               "qwen3": "Qwen3ForCausalLM"}
+               "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+               "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 @dataclass
@@ -27,12 +28,17 @@ class ModelConfig:
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
+    moe: MoEConfig | None = None  # mixture-of-experts models only
     hf_config: Any = None
+
+    @staticmethod
+    def architecture_of(hf: Any) -> str:
+        archs = getattr(hf, "architectures", None)  # configs rebuilt from GGUF carry only model_type
+        return archs[0] if archs else MODEL_TYPES.get(hf.model_type, "LlamaForCausalLM")
 
     @classmethod
     def from_hf(cls, hf: Any) -> ModelConfig:
-        archs = getattr(hf, "architectures", None)  # configs rebuilt from GGUF carry only model_type
-        arch = archs[0] if archs else MODEL_TYPES.get(hf.model_type, "LlamaForCausalLM")
+        arch = cls.architecture_of(hf)
         rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
         rope.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
         rope.setdefault("rope_type", rope.pop("type", "default"))
@@ -53,19 +59,66 @@ class ModelConfig:
             max_position_embeddings=getattr(hf, "max_position_embeddings", 4096),
             rope=rope,
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            attention_bias=bool(getattr(hf, "attention_bias", False)) or arch.startswith("Qwen2"),
+            attention_bias=bool(getattr(hf, "attention_bias", False))
+            or (arch.startswith("Qwen2") and bool(getattr(hf, "qkv_bias", True))),
             qk_norm=arch.startswith("Qwen3"),
-            sliding_window=window if arch.startswith("Mistral") else None,
+            sliding_window=window if arch.startswith(("Mistral", "Mixtral")) else None,
             eos_token_ids=eos,
             bos_token_id=getattr(hf, "bos_token_id", None),
+            moe=MoEConfig.from_hf(hf, arch),
             hf_config=hf,
         )
 
-    @property
-    def num_params(self) -> int:
-        """Parameter count (embedding counted once more when untied): for roofline maths."""
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        layer = attn + 3 * h * i + 2 * h
+    def is_moe_layer(self, layer_id: int) -> bool:
+        """HF's rule (Qwen2-MoE, Qwen3-MoE): a layer is sparse unless listed in mlp_only_layers, every
+        decoder_sparse_step-th layer counting from 1; Mixtral's layers are all sparse."""
+        m = self.moe
+        return m is not None and layer_id not in m.mlp_only_layers and (layer_id + 1) % m.decoder_sparse_step == 0
+
+    def num_params(self, active: bool = False) -> int:
+        """Parameter count (embedding counted once more when untied): for roofline maths. active: only the
+        experts one token uses (top-k of each sparse layer, plus the shared expert and its gate)."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2) + 2 * h
+        total = 0
+        for n in range(self.num_layers):
+            if self.is_moe_layer(n):
+                m = self.moe
+                experts = m.top_k if active else m.num_experts
+                total += attn + m.num_experts * h + experts * 3 * h * m.intermediate_size
+                if m.shared_expert_intermediate_size:
+                    total += 3 * h * m.shared_expert_intermediate_size + h
+            else:
+                total += attn + 3 * h * self.intermediate_size
         emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * layer + emb + h
+        return total + emb + h
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The sparse block of an MoE architecture, in HF's terms: `num_experts` experts of width
+    `intermediate_size`, `top_k` of them per token, their softmax weights renormalised to sum to 1 when
+    `norm_topk_prob` (Mixtral always does), an always-on shared expert behind a sigmoid gate (Qwen2-MoE),
+    and which layers are sparse (`decoder_sparse_step`, `mlp_only_layers`; the others keep a dense MLP
+    of the model's intermediate_size)."""
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    norm_topk_prob: bool
+    shared_expert_intermediate_size: int = 0
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    weights_in_model_dtype: bool = True  # Qwen rounds the routing weights to the model dtype; Mixtral keeps fp32
+
+    @classmethod
+    def from_hf(cls, hf: Any, arch: str) -> MoEConfig | None:
+        if arch == "MixtralForCausalLM":
+            return cls(num_experts=hf.num_local_experts, top_k=hf.num_experts_per_tok,
+                       intermediate_size=hf.intermediate_size, norm_topk_prob=True, weights_in_model_dtype=False)
+        if arch not in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM") or not getattr(hf, "num_experts", 0):
+            return None
+        return cls(num_experts=hf.num_experts, top_k=hf.num_experts_per_tok,
+                   intermediate_size=hf.moe_intermediate_size, norm_topk_prob=bool(hf.norm_topk_prob),
+                   shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
+                   decoder_sparse_step=getattr(hf, "decoder_sparse_step", 1) or 1,
+                   mlp_only_layers=tuple(getattr(hf, "mlp_only_layers", None) or ()))

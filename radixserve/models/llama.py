@@ -1,7 +1,9 @@
 """Llama decoder; Qwen2 (QKV bias), Qwen3 (q/k norm) and Mistral (sliding window) are the same
-network with those switches, read from ModelConfig."""
+network with those switches, read from ModelConfig. So are the MoE models (Qwen3-MoE, Qwen2-MoE,
+Mixtral): their sparse layers put layers/moe.py's SparseMoeBlock where the dense MLP was."""
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 import torch
@@ -9,15 +11,11 @@ from torch import nn
 
 from radixserve.distributed.group import TPGroup
 from radixserve.forward_batch import ForwardBatch
-from radixserve.kernels.fused import silu_and_mul
 from radixserve.layers.attention import Attention
 from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from radixserve.layers.linear import (
-    MergedColumnParallelLinear,
-    QKVParallelLinear,
-    RowParallelLinear,
-    default_weight_loader,
-)
+from radixserve.layers.linear import QKVParallelLinear, RowParallelLinear, default_weight_loader
+from radixserve.layers.mlp import DenseMLP
+from radixserve.layers.moe import SparseMoeBlock
 from radixserve.layers.norm import RMSNorm
 from radixserve.layers.rotary import RotaryEmbedding
 from radixserve.models.config import ModelConfig
@@ -44,21 +42,13 @@ class LlamaAttention(nn.Module):
         return self.o_proj(self.attn(positions, q, k, v, fb))
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, False, tp)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, False, tp)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPGroup, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, layer_id: int, tp: TPGroup, rotary: RotaryEmbedding,
+                 expert_parallel: bool = False) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer_id, tp, rotary)
-        self.mlp = LlamaMLP(cfg, tp)
+        self.mlp = (SparseMoeBlock(cfg.moe, cfg.hidden_size, tp, expert_parallel) if cfg.is_moe_layer(layer_id)
+                    else DenseMLP(cfg.hidden_size, cfg.intermediate_size, tp))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -74,11 +64,12 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, expert_parallel: bool = False) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
         rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, tp, rotary) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, i, tp, rotary, expert_parallel)
+                                    for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, fb: ForwardBatch | None) -> torch.Tensor:
@@ -94,10 +85,10 @@ class LlamaForCausalLM(nn.Module):
     stacked_params = [("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
                       ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1)]
 
-    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, expert_parallel: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = LlamaModel(cfg, tp)
+        self.model = LlamaModel(cfg, tp, expert_parallel)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -122,14 +113,33 @@ class LlamaForCausalLM(nn.Module):
             p = f"model.layers.{n}."
             shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
                            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
-                           p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
-                           p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
-                           p + "post_attention_layernorm.weight": (h,)})
+                           p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
+            shapes.update(self._moe_shapes(p) if c.is_moe_layer(n) else
+                          {p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                           p + "mlp.down_proj.weight": (h, i)})
             if c.attention_bias:
                 shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                                p + "self_attn.v_proj.bias": (kv,)})
             if c.qk_norm:
                 shapes.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+        return shapes
+
+    def _moe_shapes(self, p: str) -> dict[str, tuple[int, ...]]:
+        """A sparse layer's checkpoint tensors: router, per-expert projections (Mixtral's w1/w3/w2 under
+        block_sparse_moe, Qwen's gate/up/down_proj under mlp), Qwen2-MoE's shared expert and its gate."""
+        m, h = self.cfg.moe, self.cfg.hidden_size
+        mixtral = self.cfg.architecture == "MixtralForCausalLM"
+        p += "block_sparse_moe." if mixtral else "mlp."
+        names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        i = m.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {p + "gate.weight": (m.num_experts, h)}
+        for e in range(m.num_experts):
+            shapes.update({f"{p}experts.{e}.{names[0]}.weight": (i, h), f"{p}experts.{e}.{names[1]}.weight": (i, h),
+                           f"{p}experts.{e}.{names[2]}.weight": (h, i)})
+        if m.shared_expert_intermediate_size:
+            s = m.shared_expert_intermediate_size
+            shapes.update({p + "shared_expert.gate_proj.weight": (s, h), p + "shared_expert.up_proj.weight": (s, h),
+                           p + "shared_expert.down_proj.weight": (h, s), p + "shared_expert_gate.weight": (1, h)})
         return shapes
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -139,8 +149,8 @@ class LlamaForCausalLM(nn.Module):
         for name, tensor in weights:
             if "rotary_emb" in name or (name == "lm_head.weight" and self.cfg.tie_word_embeddings):
                 continue
-            shard = None
-            for ours, theirs, shard_id in self.stacked_params:
+            name, shard = _expert_param(name.replace(".block_sparse_moe.", ".mlp."))
+            for ours, theirs, shard_id in self.stacked_params if shard is None else ():
                 if f".{theirs}." in name:
                     name, shard = name.replace(theirs, ours), shard_id
                     break
@@ -153,3 +163,21 @@ class LlamaForCausalLM(nn.Module):
             missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"checkpoint lacks tensors for: {sorted(missing)[:5]} ...")
+
+
+# One expert's projection (Qwen: gate/up/down_proj, Mixtral: w1/w3/w2), or HF's fused [E, ...] tensors.
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT_PART = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1), "w3": ("w13", 1),
+                "down_proj": ("w2", None), "w2": ("w2", None)}
+
+
+def _expert_param(name: str) -> tuple[str, object]:
+    """(our parameter name, shard id for FusedMoE.weight_loader), or (name, None) for a non-expert tensor."""
+    m = _EXPERT.fullmatch(name)
+    if m:
+        ours, half = _EXPERT_PART[m.group(3)]
+        return f"{m.group(1)}.{ours}", (int(m.group(2)), half)
+    for fused, ours in ((".mlp.experts.gate_up_proj", "w13"), (".mlp.experts.down_proj", "w2")):
+        if name.endswith(fused):
+            return name[: -len(fused)] + ".mlp.experts." + ours, (None, None)
+    return name, None
