@@ -27,9 +27,13 @@ class ServerArgs:
     port: int = 1919
     api_key: str | None = None
     shell: bool = False
+    max_request_body_mb: float = 32.0
+    shutdown_grace_period: float = 30.0
+    allow_overwrite_longer_context_len: bool = False
     log_level: str = "info"
     # memory
-    mem_fraction_static: float | None = None
+    mem_fraction_static: float | str | None = None  # "auto": engine/auto_memory.py picks it
+    mem_fraction_auto: bool = False  # set from mem_fraction_static="auto", not a flag of its own
     max_total_tokens: int | None = None
     page_size: int = 1
     cache: str = "radix"
@@ -39,8 +43,10 @@ class ServerArgs:
     chunked_prefill_size: int | None = None
     max_prefill_tokens: int = 16384
     schedule_policy: str = "fcfs"
-    schedule_conservativeness: float = 1.0
+    schedule_conservativeness: float | str = 1.0  # or "auto": scheduler/conservativeness.py moves it
     decode_log_interval: int = 40
+    enable_mixed_chunk: bool = False
+    stream_interval: int = 1
     # kernels and graphs
     attention_backend: str | None = None
     cuda_graph_max_bs: int | None = None
@@ -49,6 +55,8 @@ class ServerArgs:
     enable_overlap_schedule: bool = False
     enable_torch_compile: bool = False
     torch_compile_max_bs: int = 32
+    enable_piecewise_cuda_graph: bool = False
+    piecewise_cuda_graph_max_tokens: int = 4096
     quantization: str | None = None
     # parallelism
     tp_size: int = 1
@@ -64,12 +72,30 @@ class ServerArgs:
     # observability
     enable_metrics: bool = False
     enable_cache_report: bool = False
-    # features of the tuning guide that radixserve does not have yet
+    enable_request_time_stats_logging: bool = False
+    # the API: constrained decoding, tool calls, reasoning, chat templates, where models come from
+    grammar_backend: str = "llguidance"
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
+    chat_template: str | None = None
+    log_requests: bool = False
+    trust_remote_code: bool = False
+    revision: str | None = None
     model_source: str = "huggingface"
+    # HiCache: the radix tree over device -> host memory -> file storage
     enable_hierarchical_cache: bool = False
     hicache_ratio: float = 2.0
+    hicache_size: float = 0  # GB of host memory per rank; 0: use --hicache-ratio
+    hicache_write_policy: str = "write_through"
+    hicache_io_backend: str = "kernel"
     hicache_storage_backend: str | None = None
+    hicache_storage_dir: str = "/tmp/hicache"
+    hicache_storage_prefetch_policy: str = "best_effort"
+    # PD disaggregation (radixserve/disaggregation/)
     disaggregation_mode: str = "null"
+    disaggregation_bootstrap_port: int = 8998
+    disaggregation_transfer_backend: str = "tcp"
+    disaggregation_waiting_timeout: float = 300.0  # SGLang: $SGLANG_DISAGGREGATION_WAITING_TIMEOUT
     disaggregation_decode_enable_offload_kvcache: bool = False
 
     def __post_init__(self) -> None:
@@ -80,8 +106,10 @@ class ServerArgs:
             raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
         if self.attention_backend is None:
             self.attention_backend = "triton" if self.device == "cuda" else "torch"
+        if self.mem_fraction_static == "auto":  # a default until the runner measures (auto_memory.py)
+            self.mem_fraction_static, self.mem_fraction_auto = None, True
         if self.mem_fraction_static is None:
-            self.mem_fraction_static = 0.88 if self.device == "cuda" else 0.3
+            self.mem_fraction_static = 0.88 if self.device == "cuda" else 0.05
         if self.chunked_prefill_size is None:
             self.chunked_prefill_size = 8192 if self.device == "cuda" else 2048
         if self.chunked_prefill_size <= 0:  # SGLang: -1 disables chunking
@@ -93,11 +121,84 @@ class ServerArgs:
                              f"({self.page_size}): a chunk ends on a page boundary")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
+        if self.schedule_conservativeness != "auto" and not (isinstance(self.schedule_conservativeness, (int, float))
+                                                             and self.schedule_conservativeness > 0):
+            raise ValueError(f"--schedule-conservativeness must be > 0 or auto, got {self.schedule_conservativeness!r}")
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"--schedule-policy {self.schedule_policy!r}: choose fcfs or lpm")
         if self.cache not in ("radix", "naive"):
             raise ValueError(f"--cache {self.cache!r}: choose radix or naive")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"--quantization {self.quantization!r}: choose one of {', '.join(QUANTIZATION_CHOICES)} "
+                             f"(or leave it out: pre-quantized FP8 checkpoints are detected from config.json)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
+            raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: choose one of "
+                             f"{', '.join(KV_CACHE_DTYPE_CHOICES)}")
+        self.check_api()
+        if self.max_request_body_mb <= 0:
+            raise ValueError(f"--max-request-body-mb must be > 0, got {self.max_request_body_mb}")
+        if self.shutdown_grace_period < 0:
+            raise ValueError(f"--shutdown-grace-period must be >= 0, got {self.shutdown_grace_period}")
+        if os.environ.get("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "").lower() in ("1", "true"):
+            self.allow_overwrite_longer_context_len = True  # SGLang's switch for the same override
         self.check_parallel()
+        self.check_hicache()
+        self.check_disaggregation()
+
+    def check_disaggregation(self) -> None:
+        """PD flags. The transfer backends SGLang has for RDMA (mooncake, nixl) and an NCCL one are not built:
+        they fail here, naming the one that is."""
+        if self.disaggregation_mode not in ("null", "prefill", "decode"):
+            raise ValueError(f"--disaggregation-mode {self.disaggregation_mode!r}: choose null, prefill or decode")
+        if self.disaggregation_transfer_backend != "tcp":
+            raise ValueError(f"--disaggregation-transfer-backend {self.disaggregation_transfer_backend!r} is not "
+                             f"available in radixserve; use tcp (works on CPU and GPU, within and across hosts)")
+        if not 1 <= self.disaggregation_bootstrap_port <= 65535:
+            raise ValueError(f"--disaggregation-bootstrap-port must be in [1, 65535], got "
+                             f"{self.disaggregation_bootstrap_port}")
+        if not 0 < self.disaggregation_waiting_timeout < float("inf"):
+            raise ValueError(f"--disaggregation-waiting-timeout must be a positive number of seconds, got "
+                             f"{self.disaggregation_waiting_timeout}")
+        if self.disaggregation_mode != "null" and (self.tp_size > 1 or self.dp_size > 1):
+            raise ValueError("--disaggregation-mode with --tp or --dp-size > 1 is not built yet in radixserve: run "
+                             "one server per replica (the gateway balances them) at --tp 1")
+        if self.disaggregation_decode_enable_offload_kvcache:
+            raise ValueError("--disaggregation-decode-enable-offload-kvcache is not built yet in radixserve "
+                             "(it needs the HiCache storage tier on the decode server); remove the flag")
+
+    def check_hicache(self) -> None:
+        """HiCache flags (SGLang's names and defaults). Storage backends SGLang ships that radixserve does not
+        (hf3fs, mooncake, nixl, ...) fail here, at start-up, instead of at the first eviction."""
+        if self.hicache_storage_dir == "/tmp/hicache" and os.environ.get("SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"):
+            self.hicache_storage_dir = os.environ["SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR"]  # SGLang's switch
+        choices = {"hicache_write_policy": ("write_through", "write_through_selective", "write_back"),
+                   "hicache_io_backend": ("kernel", "direct"),
+                   "hicache_storage_prefetch_policy": ("best_effort", "wait_complete", "timeout")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose {', '.join(allowed)}")
+        backend = self.hicache_storage_backend
+        if backend is not None and backend != "file":
+            raise ValueError(f"--hicache-storage-backend {backend!r} is not available in radixserve (SGLang's hf3fs, "
+                             f"mooncake, nixl, aibrix, eic need their own services): use `file` with "
+                             f"--hicache-storage-dir DIR")
+        if not self.enable_hierarchical_cache:
+            if backend is not None:
+                raise ValueError("--hicache-storage-backend needs --enable-hierarchical-cache")
+            return
+        if self.cache == "naive":
+            raise ValueError("--enable-hierarchical-cache extends the radix cache: drop --disable-radix-cache")
+        if self.hicache_size < 0 or (not self.hicache_size and self.hicache_ratio <= 1):
+            raise ValueError(f"--hicache-ratio {self.hicache_ratio}: the host pool must be larger than the device "
+                             f"pool (ratio > 1), or give --hicache-size GB")
+
+    def check_api(self) -> None:
+        choices = {"grammar_backend": GRAMMAR_BACKENDS, "tool_call_parser": TOOL_CALL_PARSERS,
+                   "reasoning_parser": REASONING_PARSERS, "model_source": MODEL_SOURCES}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(allowed)}")
 
     def check_parallel(self) -> None:
         """The shape of the rank layout; what needs the model (heads) or the GPUs is checked by the launcher
@@ -132,18 +233,19 @@ class ServerArgs:
             raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
         if self.torch_compile_max_bs < 1:
             raise ValueError(f"--torch-compile-max-bs must be >= 1, got {self.torch_compile_max_bs}")
+        if self.stream_interval < 1:
+            raise ValueError(f"--stream-interval must be >= 1, got {self.stream_interval}")
+        if self.piecewise_cuda_graph_max_tokens < 1:
+            raise ValueError(f"--piecewise-cuda-graph-max-tokens must be >= 1, got "
+                             f"{self.piecewise_cuda_graph_max_tokens}")
 
     def check_supported(self) -> None:
         unsupported = {
             "--enable-dp-attention": self.enable_dp_attention,
-            "--quantization": self.quantization is not None,
-            "--kv-cache-dtype other than auto": self.kv_cache_dtype != "auto",
-            "--model-source other than huggingface (local paths only)": self.model_source != "huggingface",
-            "--enable-hierarchical-cache / --hicache-storage-backend": self.enable_hierarchical_cache
-            or self.hicache_storage_backend is not None,
-            "--disaggregation-mode": self.disaggregation_mode != "null"
-            or self.disaggregation_decode_enable_offload_kvcache,
             "--enable-torch-compile with --tp > 1": self.enable_torch_compile and self.tp_size > 1,
+            # each rank would run its own clock-driven controller; ranks must schedule in lock-step
+            "--schedule-conservativeness auto with --tp > 1": self.schedule_conservativeness == "auto"
+            and self.tp_size > 1,
         }
         bad = [name for name, used in unsupported.items() if used]
         if bad:
@@ -170,6 +272,19 @@ class ServerArgs:
         return self.cache == "naive"
 
 
+QUANTIZATION_CHOICES = ("fp8",)  # layers/quantization QUANT_CONFIGS (args stays import-light)
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8_e4m3", "fp8_e5m2")  # kvcache/pool KV_CACHE_DTYPES
+GRAMMAR_BACKENDS = ("llguidance", "none")
+TOOL_CALL_PARSERS = ("llama3", "qwen25", "hermes", "mistral", "pythonic")
+REASONING_PARSERS = ("qwen3", "deepseek-r1")
+MODEL_SOURCES = ("huggingface", "modelscope")
+
+
+def float_or_auto(value: str) -> float | str:
+    """argparse type of the flags that take a number or `auto`."""
+    return "auto" if value == "auto" else float(value)
+
+
 # (flags, dest, kwargs) — the first flag is SGLang's spelling, the rest aliases (Mini-SGLang's).
 _FLAGS: list[tuple[list[str], dict]] = [
     (["--model-path", "--model"], dict(dest="model", help="HF model directory, a .gguf file, or a preset "
@@ -181,30 +296,57 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--device"], dict(choices=["auto", "cpu", "cuda"], help="Where to run; auto picks cuda if visible.")),
     (["--dtype"], dict(help="auto (bf16 on GPU, float32 on CPU), float32, bfloat16, float16.")),
     (["--seed"], dict(type=int, help="Seed for requests that do not set their own.")),
-    (["--context-length"], dict(type=int, help="Max tokens per request (prompt + output); default: the "
-                                "model's max_position_embeddings.")),
+    (["--context-length", "--max-model-len"], dict(type=int, dest="context_length", help="Max tokens per "
+                                                   "request (prompt + output); default: the model's "
+                                                   "max_position_embeddings. --max-model-len is vLLM's name.")),
     (["--host"], dict(help="HTTP host (default 127.0.0.1).")),
     (["--port"], dict(type=int, help="HTTP port (default 1919).")),
     (["--api-key"], dict(help="Require `Authorization: Bearer KEY` on every endpoint but /health.")),
     (["--shell"], dict(action="store_true", help="Interactive chat in the terminal instead of a server.")),
+    (["--max-request-body-mb"], dict(type=float, help="Largest HTTP request body accepted, in MB (default 32); "
+                                     "larger ones get 413 before they are read.")),
+    (["--shutdown-grace-period"], dict(type=float, help="On SIGTERM: seconds in-flight requests get to finish "
+                                       "while new ones are refused with 503 (default 30); what is left then ends "
+                                       "with an error. A second signal, or SIGINT, stops at once.")),
+    (["--allow-overwrite-longer-context-len"], dict(action="store_true", help="Accept a --context-length above "
+                                                    "the model's max_position_embeddings (outputs past it may "
+                                                    "degrade); also set by SGLang's "
+                                                    "SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1.")),
     (["--log-level"], dict(help="debug, info, warning.")),
-    (["--mem-fraction-static"], dict(type=float, help="Share of device memory for weights + KV cache "
-                                     "(GPU default 0.88; CPU: share of RAM, default 0.3).")),
+    (["--mem-fraction-static"], dict(type=float_or_auto, help="Share of device memory for weights + KV cache, "
+                                     "or auto: on a GPU, the share that leaves the tuning guide's 6.5 GB (or "
+                                     "the model's estimated activation peak, if larger) free after weights + KV; "
+                                     "on CPU, the default rule. "
+                                     "(GPU default 0.88). On CPU: the most of RAM the KV cache may take "
+                                     "(default 0.05); the pool holds 8 full-context requests within that.")),
     (["--max-total-tokens"], dict(type=int, help="KV pool size in tokens (overrides --mem-fraction-static).")),
     (["--page-size"], dict(type=int, help="Tokens per KV page (1 = token-granular prefix matching).")),
     (["--cache"], dict(choices=["radix", "naive"], help="Prefix cache: radix (reuse) or naive (none).")),
     (["--disable-radix-cache"], dict(action="store_const", const="naive", dest="cache",
                                      help="Same as --cache naive.")),
-    (["--kv-cache-dtype"], dict(help="KV cache dtype (only auto is supported).")),
+    (["--kv-cache-dtype"], dict(help="KV cache storage: auto (the model dtype), fp8_e4m3 or fp8_e5m2 (one byte "
+                                "per value: twice the tokens of bf16 in the same memory, 4x float32 on CPU; a "
+                                "per-layer scale from the checkpoint's k_scale/v_scale, else 1.0). e4m3 keeps "
+                                "more precision, e5m2 more range.")),
     (["--max-running-requests"], dict(type=int, help="Max requests decoding at once.")),
     (["--chunked-prefill-size", "--max-prefill-length"], dict(type=int, dest="chunked_prefill_size",
                                                               help="Max prompt tokens computed per step; "
                                                               "longer prompts are split. -1 disables.")),
     (["--max-prefill-tokens"], dict(type=int, help="Token budget of one prefill batch (default 16384).")),
     (["--schedule-policy"], dict(choices=["fcfs", "lpm"], help="fcfs, or lpm: longest cached prefix first.")),
-    (["--schedule-conservativeness"], dict(type=float, help="Scales the KV reserved for running requests' "
-                                           "future tokens: lower admits more, higher retracts less.")),
+    (["--schedule-conservativeness"], dict(type=float_or_auto, help="Scales the KV reserved for running "
+                                           "requests' future tokens: lower admits more, higher retracts less "
+                                           "(default 1.0). auto: start at 1.0, lower it while token usage < 0.9 "
+                                           "with requests waiting, raise it on more than one retraction a "
+                                           "minute, within [0.1, 2.0]; each change is logged.")),
     (["--decode-log-interval"], dict(type=int, help="Print the decode log line every N steps (default 40).")),
+    (["--enable-mixed-chunk"], dict(action="store_true", help="Run the decode step of running requests in the "
+                                    "same forward as a prefill chunk, so streams keep producing tokens while "
+                                    "long prompts are prefilled (the chunk budget shrinks by one token per "
+                                    "running request).")),
+    (["--stream-interval"], dict(type=int, help="Send a streamed request's tokens every N tokens (default 1: "
+                                 "one SSE chunk per generated token); larger values send fewer, bigger chunks "
+                                 "and cost the API server less CPU.")),
     (["--attention-backend", "--attn"], dict(dest="attention_backend", help="torch or triton (default: "
                                              "triton on CUDA, torch on CPU).")),
     (["--cuda-graph-max-bs"], dict(type=int, help="Largest decode batch captured in a CUDA graph.")),
@@ -215,7 +357,19 @@ _FLAGS: list[tuple[list[str], dict]] = [
                                       "to --torch-compile-max-bs (fuses the small kernels of small models; slower "
                                       "start-up: one compile per batch size).")),
     (["--torch-compile-max-bs"], dict(type=int, help="Largest decode batch that runs compiled (default 32).")),
-    (["--quantization"], dict(help="Weight quantization (not supported yet).")),
+    (["--enable-piecewise-cuda-graph"], dict(action="store_true", help="Prefill/extend batches of up to "
+                                             "--piecewise-cuda-graph-max-tokens tokens replay CUDA graphs of the "
+                                             "layers between attention calls (attention runs eagerly between "
+                                             "them): removes the kernel-launch gaps that dominate short "
+                                             "prompts. On CPU the same split runs without graphs.")),
+    (["--piecewise-cuda-graph-max-tokens"], dict(type=int, help="Largest extend batch (tokens) that runs "
+                                                 "piecewise graphs (default 4096); token counts are padded to "
+                                                 "the next captured size.")),
+    (["--quantization"], dict(help="fp8: quantize every linear layer of the decoder to float8_e4m3 at load, one "
+                              "scale per output channel (embedding and LM head stay in --dtype); halves the "
+                              "weight bytes a decode step reads. Needs a GPU of compute capability >= 8.9 or "
+                              "CPU. Pre-quantized FP8 checkpoints (config.json quantization_config "
+                              "quant_method fp8) need no flag.")),
     (["--tp-size", "--tp"], dict(type=int, dest="tp_size", help="Tensor-parallel ranks (GPUs) per replica; "
                                  "a power of two that divides the attention heads.")),
     (["--ep-size", "--ep"], dict(type=int, dest="ep_size", help="Expert parallelism for MoE models: equal to "
@@ -237,15 +391,68 @@ _FLAGS: list[tuple[list[str], dict]] = [
                              "on this node).")),
     (["--enable-dp-attention"], dict(action="store_true", help="DP attention (DeepSeek; not supported).")),
     (["--enable-metrics"], dict(action="store_true", help="Expose Prometheus metrics on /metrics.")),
+    (["--enable-request-time-stats-logging"], dict(action="store_true", help="Timestamp every request at "
+                                                   "each hop (HTTP receive, tokenize, scheduler queue, first "
+                                                   "forward, first token, detokenizer, SSE write): a histogram "
+                                                   "per hop in /metrics (with --enable-metrics) and a debug log "
+                                                   "line per request.")),
     (["--enable-cache-report"], dict(action="store_true", help="Log prefix-cache hit rates; report cached "
                                      "tokens in usage.")),
-    (["--model-source"], dict(help="huggingface (local paths; no downloads at run time).")),
-    (["--enable-hierarchical-cache"], dict(action="store_true", help="HiCache (not supported yet).")),
-    (["--hicache-ratio"], dict(type=float, help="HiCache host/device ratio (not supported yet).")),
-    (["--hicache-storage-backend"], dict(help="HiCache storage backend (not supported yet).")),
-    (["--disaggregation-mode"], dict(help="PD disaggregation (not supported yet).")),
-    (["--disaggregation-decode-enable-offload-kvcache"], dict(action="store_true",
-                                                               help="PD offload (not supported yet).")),
+    (["--model-source"], dict(help="Where a hub id given to --model is found: huggingface (the local HF cache "
+                              "first, then a download unless HF_HUB_OFFLINE=1) or modelscope (needs the "
+                              "modelscope package).")),
+    (["--revision"], dict(help="Branch, tag or commit of a hub model id (default: main).")),
+    (["--trust-remote-code"], dict(action="store_true", help="Accepted for compatibility; radixserve never runs "
+                                   "code shipped with a model (every architecture it serves is built in).")),
+    (["--chat-template"], dict(help="Chat template for /v1/chat/completions: a Jinja file, a Jinja string, or "
+                               "a built-in name (chatml, llama3); default: the tokenizer's.")),
+    (["--tool-call-parser"], dict(help="How tool calls are written in the model's output: llama3, qwen25 / "
+                                  "hermes (<tool_call> JSON), mistral ([TOOL_CALLS]) or pythonic "
+                                  "([f(x=1)]). Default: hermes.")),
+    (["--reasoning-parser"], dict(help="Split <think>...</think> text into reasoning_content: qwen3 or "
+                                  "deepseek-r1 (whose template opens the think block itself).")),
+    (["--grammar-backend"], dict(help="Constrained decoding (response_format, regex, ebnf, forced tool "
+                                 "calls): llguidance (default) or none.")),
+    (["--log-requests"], dict(action="store_true", help="Log every request's parameters and prompt length "
+                              "(and its output when it finishes).")),
+    (["--enable-hierarchical-cache"], dict(action="store_true", help="HiCache: pages the device pool evicts keep "
+                                           "their KV in host memory (and optionally files), so a returning prefix "
+                                           "costs a copy instead of a prefill.")),
+    (["--hicache-ratio"], dict(type=float, help="Host KV pool size as a multiple of the device pool (default 2; "
+                               "must be > 1).")),
+    (["--hicache-size"], dict(type=float, help="Host KV pool size in GB per rank; overrides --hicache-ratio "
+                              "(default 0: use the ratio).")),
+    (["--hicache-write-policy"], dict(choices=["write_through", "write_through_selective", "write_back"],
+                                      help="When device pages get a host copy: write_through (default) when they "
+                                      "enter the cache; write_through_selective when first reused; write_back only "
+                                      "when the device evicts them.")),
+    (["--hicache-io-backend"], dict(choices=["kernel", "direct"], help="Host<->device copies on CUDA: kernel "
+                                    "(default; one Triton kernel per layer reads/writes pinned host memory) or "
+                                    "direct (gather, one copy, scatter). CPU uses plain copies.")),
+    (["--hicache-storage-backend"], dict(help="Third tier under the host pool: `file` (pages as files in "
+                                         "--hicache-storage-dir, reused by restarted servers). SGLang's hf3fs, "
+                                         "mooncake, nixl are not available.")),
+    (["--hicache-storage-dir"], dict(help="Directory of the file backend (default /tmp/hicache, or "
+                                     "$SGLANG_HICACHE_FILE_BACKEND_STORAGE_DIR).")),
+    (["--hicache-storage-prefetch-policy"], dict(choices=["best_effort", "wait_complete", "timeout"],
+                                                 help="Whether a request whose prefix is being read from storage "
+                                                 "waits: best_effort (default) never; wait_complete until read; "
+                                                 "timeout at most 1 s + 0.25 s per 1k tokens.")),
+    (["--disaggregation-mode"], dict(choices=["null", "prefill", "decode"], help="PD disaggregation: prefill "
+                                     "servers compute prompts' KV and send it to decode servers, which generate "
+                                     "from it; SGLang's gateway (--pd-disaggregation) pairs them per request. "
+                                     "null (default): a plain server.")),
+    (["--disaggregation-bootstrap-port"], dict(type=int, help="Prefill server: port of its bootstrap server, "
+                                               "where decode servers ask where its KV comes from (default 8998; "
+                                               "give it to the gateway: --prefill URL PORT).")),
+    (["--disaggregation-transfer-backend"], dict(choices=["tcp"], help="How KV moves from prefill to decode: "
+                                                 "tcp (default; any device, within and across hosts).")),
+    (["--disaggregation-waiting-timeout"], dict(type=float, help="Seconds a decode server waits for a "
+                                                "request's KV (and a prefill server keeps KV no decode server "
+                                                "fetched) before failing the request (default 300).")),
+    (["--disaggregation-decode-enable-offload-kvcache"], dict(action="store_true", help="Decode server: write "
+                                                               "finished requests' KV to HiCache storage (not "
+                                                               "built yet).")),
 ]
 
 
@@ -254,7 +461,16 @@ def make_parser(prog: str = "python -m radixserve") -> argparse.ArgumentParser:
                                      argument_default=argparse.SUPPRESS)
     for flags, kwargs in _FLAGS:
         parser.add_argument(*flags, **kwargs)
+    parser.add_argument("--version", action="version", version=f"radixserve {package_version()}")
     return parser
+
+
+def package_version() -> str:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version("radixserve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 def parse_args(argv: list[str] | None = None) -> ServerArgs:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    no_stop_trim: bool = False  # keep a matched stop string / stop token in the text
+    # (kind, text), kind json_schema | regex | ebnf | lark: constrained decoding (server/grammar/)
+    grammar: tuple[str, str] | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,6 +51,10 @@ class SamplingParams:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field; the API turns it into HTTP 400."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "frequency_penalty",
+                     "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
         if self.temperature < 0:
@@ -63,6 +72,11 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.grammar is not None and self.grammar[0] not in ("json_schema", "regex", "ebnf", "lark"):
+            raise ValueError(f"grammar kind must be json_schema, regex, ebnf or lark, got {self.grammar[0]!r}")
+        for tok, bias in (self.logit_bias or {}).items():
+            if not -100 <= bias <= 100 or tok < 0:  # NaN fails the comparison too
+                raise ValueError(f"logit_bias must map token ids to values in [-100, 100], got {tok}: {bias}")
 
     @property
     def greedy(self) -> bool:
@@ -107,9 +121,12 @@ class Req:
     finish_reason: FinishReason | None = None
     detok: object = None  # IncrementalDetokenizer, only for requests with stop strings
     stop_text_len: int | None = None  # where a matched stop string starts in the decoded text
+    grammar: object = None  # grammar Matcher of a constrained request (server/grammar/backend.py)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     retracted: int = 0
+    bootstrap: object = None  # PD disaggregation: BootstrapInfo (room, prefill's bootstrap address)
+    hops: list[float] | None = None  # --enable-request-time-stats-logging: scheduler stamps (request_timing)
 
     def __post_init__(self) -> None:
         if not self.rid:

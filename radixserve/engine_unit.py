@@ -44,7 +44,10 @@ class Engine:
         return reqs
 
     def output_text(self, req: Req) -> str:
-        """Final text: stop token ids are not part of it, and a stop string cuts it where it starts."""
+        """Final text: stop token ids are not part of it, and a stop string cuts it where it starts (with
+        no_stop_trim both stay: the text of every output id)."""
+        if req.sampling_params.no_stop_trim:
+            return self.tokenizer.decode(req.output_ids, skip_special_tokens=req.sampling_params.skip_special_tokens)
         if req.detok is not None and req.stop_text_len is not None:
             return req.detok.text[:req.stop_text_len]
         ids = req.output_ids[:-1] if req.ends_with_stop_token else req.output_ids

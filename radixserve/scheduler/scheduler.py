@@ -13,14 +13,19 @@ from typing import Any
 
 import torch
 
+from radixserve import request_timing as rt
 from radixserve.args import ServerArgs
 from radixserve.core import FinishReason, Req
 from radixserve.detokenizer import IncrementalDetokenizer, find_stop
+from radixserve.disaggregation.decode_queue import DecodeQueue
+from radixserve.disaggregation.endpoint import DecodeEndpoint, PrefillEndpoint, make_endpoint
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampler import SampleOutput, Sampler
+from radixserve.server.grammar.backend import create_backend
+from radixserve.server.grammar.masks import GrammarMasks
 from radixserve.kvcache.allocator import PageAllocator
-from radixserve.kvcache.naive_cache import NaiveCache
-from radixserve.kvcache.radix_cache import RadixCache
+from radixserve.scheduler.conservativeness import AutoConservativeness
+from radixserve.scheduler.cache_factory import make_cache
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
@@ -38,6 +43,10 @@ class Launched:
     out: SampleOutput | None
     ids_cpu: torch.Tensor | None
     copied: torch.cuda.Event | None = None
+    # set while sampling waits: a batch with grammar rows samples after the previous step's tokens
+    # have advanced the matchers (overlap scheduling), see Scheduler.step
+    logits: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 INIT_NEW_TOKEN_RATIO = 0.7
@@ -55,7 +64,7 @@ class Scheduler:
         if args.max_total_tokens:  # a scheduler may use less of the pool than the runner allocated (tests)
             slots = min(slots, args.max_total_tokens + args.page_size)
         self.allocator = PageAllocator(slots // args.page_size, args.page_size, runner.device)
-        self.cache = (NaiveCache if args.disable_radix_cache else RadixCache)(self.allocator, args.page_size)
+        self.cache = make_cache(args, self.allocator, runner)
         self.req_to_token = runner.req_to_token_pool
         self.sampler = Sampler(runner.cfg.vocab_size, runner.device)
         self.eos_ids = frozenset(runner.cfg.eos_token_ids) | (
@@ -65,17 +74,29 @@ class Scheduler:
         self.running: list[Req] = []
         self.chunked: Req | None = None
         self.early: list[Req] = []  # finished without running (max_new_tokens=0), reported next step
-        self.init_ratio = min(INIT_NEW_TOKEN_RATIO * args.schedule_conservativeness, 1.0)
-        self.min_ratio = min(self.init_ratio * MIN_NEW_TOKEN_RATIO_FACTOR, 1.0)
-        self.ratio_decay = (self.init_ratio - self.min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
+        # --schedule-conservativeness auto: a controller moves the value from the decode-step metrics
+        self.auto_conservativeness = (AutoConservativeness(args.decode_log_interval)
+                                      if args.schedule_conservativeness == "auto" else None)
+        self.conservativeness = 0.0
+        self.set_conservativeness(self.auto_conservativeness.value if self.auto_conservativeness
+                                  else args.schedule_conservativeness)
         self.new_token_ratio = self.init_ratio
         self.stats = SchedulerStats(self.allocator.capacity_tokens, args.decode_log_interval,
-                                    cache_report=args.enable_cache_report)
+                                    cache_report=args.enable_cache_report, hicache=args.enable_hierarchical_cache)
         self.rng = random.Random(args.seed)
         self.overlap = args.overlap_schedule
         self.pending: Launched | None = None
         self.max_running = min(args.max_running_requests or runner.max_running_requests,
                                runner.max_running_requests)
+        # PD disaggregation (--disaggregation-mode): a prefill server hands each first token's KV to `pd_prefill`;
+        # a decode server's requests wait in `pd_decode` until their KV is in the pool
+        endpoint = make_endpoint(args, runner.kv_pool)
+        self.pd_prefill = endpoint if isinstance(endpoint, PrefillEndpoint) else None
+        self.pd_decode = DecodeQueue(self, endpoint) if isinstance(endpoint, DecodeEndpoint) else None
+        self.grammar: GrammarMasks | None = None
+        if args.grammar_backend != "none":
+            backend = create_backend(args.grammar_backend, tokenizer, runner.cfg.vocab_size, sorted(self.eos_ids))
+            self.grammar = GrammarMasks(backend, runner.cfg.vocab_size, self.max_running, runner.device)
         # The last decode batch's req_to_token rows on the device, built by _schedule_decode: the same
         # rows receive the step's sampled tokens in runner.last_token.
         self.decode_rows: torch.Tensor | None = None
@@ -100,10 +121,16 @@ class Scheduler:
         req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self.rng.getrandbits(63)
         if req.sampling_params.stop and self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer, req.sampling_params.skip_special_tokens)
+        if req.sampling_params.grammar is not None:
+            if self.grammar is None:
+                raise ValueError("constrained decoding is off (--grammar-backend none)")
+            req.grammar = self.grammar.backend.matcher(*req.sampling_params.grammar)  # GrammarError: a 400
         self.stats.prompt_tokens_total += len(req.origin_input_ids)
         if req.sampling_params.max_new_tokens == 0:
             req.finish_reason = FinishReason.LENGTH
             self.early.append(req)
+        elif req.bootstrap is not None and self.pd_decode is not None:
+            self.pd_decode.add(req)  # its prompt's KV comes from a prefill server
         else:
             self.waiting.append(req)
 
@@ -123,15 +150,30 @@ class Scheduler:
             if req.rid == rid and not req.finished:
                 self._finish(req, FinishReason.ABORT)
                 return req
-        return None
+        return self.pd_decode.abort(rid) if self.pd_decode is not None else None
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self.early or self.pending)
+        return bool(self.waiting or self.running or self.chunked or self.early or self.pending) or self.waiting_for_kv
+
+    @property
+    def waiting_for_kv(self) -> bool:
+        """PD decode: requests wait for KV transfers (another thread's work; the loop polls them)."""
+        return bool(self.pd_decode is not None and len(self.pd_decode))
 
     @property
     def used_tokens(self) -> int:
         return self.allocator.capacity_tokens - self.allocator.free_tokens - self.cache.evictable_size
+
+    def set_conservativeness(self, value: float) -> None:
+        """Derive the new_token_ratio schedule (start, floor, decay) from the conservativeness; a ratio
+        already decayed is rescaled, so a change acts at once."""
+        old, self.conservativeness = self.conservativeness, value
+        self.init_ratio = min(INIT_NEW_TOKEN_RATIO * value, 1.0)
+        self.min_ratio = min(self.init_ratio * MIN_NEW_TOKEN_RATIO_FACTOR, 1.0)
+        self.ratio_decay = (self.init_ratio - self.min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
+        if old:
+            self.new_token_ratio = min(max(self.new_token_ratio * value / old, self.min_ratio), 1.0)
 
     # ---- one scheduling step ------------------------------------------------------------------
     def step(self) -> list[Req]:
@@ -143,46 +185,84 @@ class Scheduler:
         if self.early:
             early, self.early = self.early, []
             return early
+        arrived = self.pd_decode.poll() if self.pd_decode is not None else []  # first tokens from prefill servers
+        if arrived:
+            return arrived
         launched = self._launch()
         if not self.overlap:
             return self._process(launched) if launched else []
-        done, self.pending = (self._process(self.pending) if self.pending else []), launched
+        done = self._process(self.pending) if self.pending else []
+        if launched is not None and launched.logits is not None:  # grammar rows: masks need those tokens
+            self._sample(launched)
+        self.pending = launched
         return done
 
     def _launch(self) -> Launched | None:
-        batch, is_decode = self._schedule_prefill(), False
-        if not batch:
-            if not self.running:
-                return None
+        # --enable-mixed-chunk: while prompts wait, running requests' decode step is scheduled first and
+        # rides along with the prefill (SGLang's mixed batch), so streams are not stalled by long prompts
+        decode = self._schedule_decode() if self._mix_decode() else []
+        batch, is_decode = self._schedule_prefill(len(decode)), False
+        mixed = len(decode) if batch else 0
+        if batch:
+            batch += decode
+        elif decode:
+            batch, is_decode = decode, True
+        elif not self.running:
+            return None
+        else:
             batch, is_decode = self._schedule_decode(), True
-        logits = self.runner.forward(batch, is_decode=is_decode)
+        logits = self.runner.forward(batch, is_decode=is_decode, decode_tail=mixed)
         if is_decode:  # one token each, and every request samples
             for req in batch:
                 req.kv_len += 1
             self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=self.runner.used_graph)
+            auto = self.auto_conservativeness
+            if auto is not None and auto.on_decode(self.stats.token_usage(self.used_tokens), len(self.waiting)):
+                self.set_conservativeness(auto.value)
             sampled, sampled_rows = batch, self.decode_rows
         else:
-            for req in batch:
+            for req in batch[:len(batch) - mixed]:
                 req.kv_len += req.extend_len
                 self._cache_running(req)
+            for req in batch[len(batch) - mixed:]:
+                req.kv_len += 1
+            if mixed:
+                self.stats.on_decode(mixed, self.used_tokens, len(self.waiting), cuda_graph=False)
             idx = [i for i, r in enumerate(batch) if r.kv_len >= r.seqlen]  # cut prompts sample nothing
             sampled = [batch[i] for i in idx]
+            for req in sampled:
+                rt.stamp(req, rt.LAUNCHED)
             if not sampled:
                 return Launched(batch, is_decode, [], None, None)
             dev = self.runner.device
             if len(idx) < len(batch):
                 logits = logits[to_device(int64_tensor(idx), dev)]
             sampled_rows = to_device(int64_tensor([r.req_pool_idx for r in sampled]), dev)
-        out = self.sampler.sample(logits, sampled)
-        self.runner.last_token[sampled_rows] = out.next_token_ids
+        launched = Launched(batch, is_decode, sampled, None, None, logits=logits, rows=sampled_rows)
+        if not (self.overlap and self.grammar is not None and self.grammar.constrained(sampled)):
+            self._sample(launched)
+        return launched
+
+    def _sample(self, launched: Launched) -> None:
+        """Sample the launched forward's logits (the grammar's bitmask is built here, on the CPU, while
+        the device still runs the forward) and start copying the tokens to the host."""
+        bitmask = self.grammar.bitmask(launched.sampled) if self.grammar is not None else None
+        out = self.sampler.sample(launched.logits, launched.sampled, bitmask)
+        self.runner.last_token[launched.rows] = out.next_token_ids
         ids_cpu = out.next_token_ids.to("cpu", non_blocking=True)
         done = None
         if ids_cpu.device != out.next_token_ids.device:  # a non-blocking D2H copy is only valid after this
             done = torch.cuda.Event()
             done.record()
-        return Launched(batch, is_decode, sampled, out, ids_cpu, done)
+        launched.out, launched.ids_cpu, launched.copied = out, ids_cpu, done
+        launched.logits = launched.rows = None
 
-    def _schedule_prefill(self) -> list[Req]:
+    def _mix_decode(self) -> bool:
+        return self.args.enable_mixed_chunk and bool(self.running) and bool(self.waiting or self.chunked)
+
+    def _schedule_prefill(self, mixed: int = 0) -> list[Req]:
+        """`mixed`: running requests whose decode step joins this batch; they take that much of the
+        batch's token budgets (SGLang's rule)."""
         if self.chunked is None and not self.waiting:
             return []  # nothing to admit: skip the reservation pass over every running request
         reserve = sum(reserved_tokens(r, self.new_token_ratio) for r in self.running)
@@ -190,13 +270,14 @@ class Scheduler:
             reserve += self.chunked.seqlen - self.chunked.kv_len
         adder = PrefillAdder(
             rem_total=self.allocator.free_tokens + self.cache.evictable_size - reserve,
-            rem_input=self.args.max_prefill_tokens, rem_chunk=self.args.chunked_prefill_size,
+            rem_input=self.args.max_prefill_tokens - mixed,
+            rem_chunk=max(self.args.chunked_prefill_size - mixed, self.page_size),
             page_size=self.page_size, slots_left=self.max_running - len(self.running) - (self.chunked is not None))
         batch: list[Req] = []
         if self.chunked is not None:  # continue the cut prompt before admitting anything new
             req, self.chunked = self.chunked, None
             remaining = req.seqlen - req.kv_len
-            req.extend_len = min(remaining, self.args.chunked_prefill_size)
+            req.extend_len = min(remaining, adder.rem_chunk)
             if req.extend_len < remaining:
                 req.extend_len = (req.kv_len + req.extend_len) // self.page_size * self.page_size - req.kv_len
                 self.chunked = req
@@ -212,7 +293,9 @@ class Scheduler:
             return batch
         cached, in_batch = 0, set()
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
-            match = self.cache.match_prefix(req.fill_ids[:-1])
+            match = self.cache.match_for_admission(req.fill_ids[:-1], req.rid)
+            if match is None:  # HiCache: its prefix is still being read from storage (prefetch policy)
+                continue
             # In-batch prefix check (SGLang's, for lpm): a request that shares its opening tokens with
             # one admitted in this batch but has no tree hit waits a step; by then the other's prompt
             # is in the tree and this one reuses it instead of recomputing the shared prefix.
@@ -238,14 +321,15 @@ class Scheduler:
             if req.retracted == 0:
                 req.cached_tokens = match.length
                 self.cache.record_hit(match.length, len(req.origin_input_ids))
-                self.stats.record_hit(match.length, len(req.origin_input_ids))
+                self.stats.record_hit(match.length, len(req.origin_input_ids), match.host_len, match.storage_len)
             cached += match.length
             self.waiting.remove(req)
             batch.append(req)
+            rt.stamp(req, rt.ADMITTED)
         self.chunked = self.chunked or adder.chunked
         if batch:
             self.stats.log_prefill(len(batch), sum(r.extend_len for r in batch), cached, self.used_tokens,
-                                   len(self.running), len(self.waiting))
+                                   len(self.running), len(self.waiting), mixed)
         return batch
 
     def _alloc_extend(self, req: Req) -> bool:
@@ -321,6 +405,8 @@ class Scheduler:
         self.new_token_ratio = min(1.0, (total_decoded + RETRACT_DECODE_STEPS * len(self.running))
                                    / (total_max_new + 1))
         self.stats.log_retract(len(retracted), old, self.new_token_ratio)
+        if self.auto_conservativeness is not None:
+            self.auto_conservativeness.on_retract()
 
     def _retract(self, req: Req) -> None:
         """Hand the request's KV to the cache and put it back in the queue; it will re-prefill
@@ -352,17 +438,24 @@ class Scheduler:
         out = launched.out
         lps = out.logprobs.tolist() if out.logprobs is not None else None
         done, finished = [], []
+        running = set(self.running) if not launched.is_decode else set()
         for i, (req, tok) in enumerate(zip(launched.sampled, ids)):
             if req.finish_reason is not None:  # finished (or aborted) while this step was in flight: void
                 continue
+            rt.stamp(req, rt.READY)
             req.output_ids.append(tok)
             if lps is not None and (req.sampling_params.logprobs or req.sampling_params.top_logprobs):
                 req.output_logprobs.append(lps[i])
                 req.output_top_logprobs.append(out.top_logprobs[i] if out.top_logprobs else [])
+            if req.grammar is not None:
+                GrammarMasks.advance(req, tok, req.eos_token_ids | frozenset(req.sampling_params.stop_token_ids))
             self._check_finished(req, tok)
+            if self.pd_prefill is not None and req.bootstrap is not None and len(req.output_ids) == 1:
+                self.pd_prefill.send(req, tok)  # the decode server goes on from here; this server is done
+                req.finish_reason = req.finish_reason or FinishReason.LENGTH
             if req.finish_reason is not None:
                 finished.append(req)
-            elif not launched.is_decode:
+            elif not launched.is_decode and req not in running:  # a mixed batch's decode part runs already
                 self.running.append(req)  # prefill done: decode from the next step
             done.append(req)
         self.stats.generation_tokens_total += len(done)

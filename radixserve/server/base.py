@@ -10,6 +10,7 @@ import asyncio
 import importlib.metadata
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -20,11 +21,14 @@ from fastapi.responses import Response, StreamingResponse
 
 from radixserve.args import ServerArgs
 from radixserve.core import SamplingParams
+from radixserve.disaggregation.types import BootstrapInfo
 from radixserve.server.messages import StrOut
+from radixserve.server.protocol import unserved_flag
 from radixserve.server.tokenizer_manager import RequestError, TokenizerManager
 
 T = TypeVar("T")
 DISCONNECT_POLL_S = 0.5
+OFF_LOOP_CHARS = 16384  # inputs this long are tokenized / templated on a worker thread
 _UNION_TAGS = {"str", "int", "float", "bool"}
 
 
@@ -162,8 +166,47 @@ class ApiBase:
         self.max_len = min(self.info["context_len"], self.info["max_total_num_tokens"])
         self.created = int(time.time())
         self._tok_str: dict[int, str] = {}
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+
+    async def off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` (tokenize, apply a chat template, decode) on a worker thread when its input is
+        large, so one 10 MB prompt never stalls every other request and /health: the Rust tokenizer releases
+        the GIL while it works. Small inputs run inline; the thread hop would cost more than the work."""
+        if size < OFF_LOOP_CHARS:
+            return fn(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: fn(*args))
+
+    def check_prompt_len(self, prompts: list[list[int]], param: str) -> None:
+        """A prompt longer than the context is refused here, before megabytes of ids cross to the scheduler."""
+        ctx = self.info["context_len"]
+        longest = max(map(len, prompts), default=0)
+        if longest >= ctx:
+            raise RequestError(f"This model's maximum context length is {ctx} tokens. However, your prompt has "
+                               f"{longest} tokens. Please reduce the prompt.", param=param,
+                               code="context_length_exceeded")
 
     # ---- shared helpers ----
+    def check_gateway_fields(self, body: Any) -> None:
+        """SGLang's gateway sends some flags on every request; those whose feature radixserve lacks are served
+        only at their default (false)."""
+        name = unserved_flag(body)
+        if name is not None:
+            raise RequestError(f"'{name}': true is not supported by radixserve; leave it false", param=name,
+                               code="unsupported_parameter")
+
+    def pd_bootstraps(self, body: Any, count: int) -> list[BootstrapInfo] | None:
+        """The PD fields the gateway adds, one per sequence; refused by a server that is not in PD mode (it
+        would neither send nor wait for the KV)."""
+        try:
+            out = body.bootstraps(count)
+        except ValueError as e:
+            raise RequestError(str(e), param="bootstrap_room") from None
+        if out is not None and self.args.disaggregation_mode == "null":
+            raise RequestError("bootstrap_room is for PD disaggregation, but this server runs without "
+                               "--disaggregation-mode prefill|decode", param="bootstrap_room",
+                               code="unsupported_parameter")
+        return out
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.model_names:
             raise RequestError(f"The model `{model}` does not exist. This server serves `{self.model_name}`.",
@@ -188,15 +231,19 @@ class ApiBase:
     def params(self, make: Callable[[int], SamplingParams], n: int, renames: dict[str, str]
                ) -> list[SamplingParams]:
         try:
-            return [make(i) for i in range(n)]
+            out = [make(i) for i in range(n)]
         except ValueError as e:
             raise from_value_error(e, renames) from None
+        for sp in out[:1]:  # every choice shares the request's stop ids
+            self.check_ids(sp.stop_token_ids, "stop_token_ids")
+        return out
 
     async def submit(self, rid: str, prompts: list[list[int]], params: list[SamplingParams], stream: bool,
-                     request: Request, param: str) -> tuple[Gen, list[tuple[int, StrOut]]] | list[Choice]:
+                     request: Request, param: str, bootstraps: list[BootstrapInfo] | None = None
+                     ) -> tuple[Gen, list[tuple[int, StrOut]]] | list[Choice]:
         """Start the requests; for a stream return the generator and its primed first outputs, else the
         finished choices. Scheduler refusals surface here as RequestError naming `param`."""
-        gen = self.tm.generate(rid, prompts, params)
+        gen = self.tm.generate(rid, prompts, params, bootstraps)
         try:
             if stream:
                 return gen, await unless_disconnected(prime(gen, len(prompts)), request)

@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 
 from radixserve.core import SamplingParams
+from radixserve.disaggregation.types import BootstrapInfo
 
 
 # ---- API server → scheduler -------------------------------------------------------------------------
@@ -24,6 +25,7 @@ class GenerateReq(msgspec.Struct, tag=True):
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
+    bootstrap: BootstrapInfo | None = None  # PD disaggregation: where this request's KV comes from / goes to
 
 
 class AbortReq(msgspec.Struct, tag=True):
@@ -49,9 +51,11 @@ class Ready(msgspec.Struct, tag=True):
 
 
 class ReqError(msgspec.Struct, tag=True):
-    """The scheduler refused a request (Scheduler.validate); nothing was queued or allocated."""
+    """The scheduler refused a request (Scheduler.validate; status 400), or failed it later (a PD transfer that
+    never completed: 5xx); nothing it held stays allocated."""
     rid: str
     message: str
+    status: int = 400
 
 
 class FlushCacheOut(msgspec.Struct, tag=True):
@@ -86,6 +90,9 @@ class TokenOut(msgspec.Struct):
     top_logprobs: list[list[tuple[int, float]]] | None = None
     stop: list[str] = []  # sent with a request's first output only: the detokenizer holds back
     skip_special_tokens: bool = True  # text that could be the start of a stop string
+    # --enable-request-time-stats-logging: perf_counter stamps (request_timing.py); each hop appends its own
+    hops: list[float] | None = None
+    no_stop_trim: bool = False  # (first output only) nothing is cut or held back
 
 
 class BatchTokenOut(msgspec.Struct, tag=True):
@@ -103,6 +110,7 @@ class StrOut(msgspec.Struct):
     matched: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    hops: list[float] | None = None  # TokenOut.hops + the detokenizer's send time
 
 
 class BatchStrOut(msgspec.Struct, tag=True):

@@ -32,15 +32,18 @@ class NativeApi(ApiBase):
     async def generate(self, body: GenerateRequest, request: Request) -> Response:
         if (body.text is None) == (body.input_ids is None):
             raise RequestError("pass exactly one of `text` and `input_ids`", param="text")
+        self.check_model(body.model)
+        self.check_gateway_fields(body)
         src = body.text if body.text is not None else body.input_ids
         batch = isinstance(src, list) and (body.text is not None or (bool(src) and isinstance(src[0], list)))
         if body.text is not None:
-            prompts = [self.tokenizer.encode(t) for t in (src if batch else [src])]
+            prompts = [await self.off_loop(len(t), self.tokenizer.encode, t) for t in (src if batch else [src])]
         else:
             prompts = [self.check_ids(p, "input_ids") for p in (src if batch else [src])]
         if not prompts or any(not p for p in prompts):
             raise RequestError("the prompt is empty", param="text" if body.text is not None else "input_ids",
                                code="invalid_value")
+        self.check_prompt_len(prompts, "text" if body.text is not None else "input_ids")
         sp, n = body.sampling_params, body.sampling_params.n
         fields = {f: getattr(sp, f) for f in sp.model_fields if f not in ("n", "stop", "stop_token_ids")}
 
@@ -53,7 +56,8 @@ class NativeApi(ApiBase):
         params = self.params(make, n * len(prompts), {})
         flat = [p for p in prompts for _ in range(n)]
         rid, start = body.rid or uuid.uuid4().hex, time.perf_counter()
-        res = await self.submit(rid, flat, params, body.stream, request, "text")
+        res = await self.submit(rid, flat, params, body.stream, request, "text",
+                                bootstraps=self.pd_bootstraps(body, len(flat)))
         rids = [rid] if len(flat) == 1 else [f"{rid}-{i}" for i in range(len(flat))]
 
         def result(i: int, c: Choice) -> dict:
@@ -62,8 +66,9 @@ class NativeApi(ApiBase):
                 "prompt_tokens": len(flat[i]), "completion_tokens": len(c.ids),
                 "cached_tokens": c.cached_tokens, "e2e_latency": time.perf_counter() - start}
             if body.return_logprob:
-                meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(c.logprobs, c.ids)]
-                meta["output_top_logprobs"] = [[[lp, t, None] for t, lp in row] for row in c.top_logprobs]
+                text = self.token_str if body.return_text_in_logprobs else lambda _: None
+                meta["output_token_logprobs"] = [[lp, t, text(t)] for lp, t in zip(c.logprobs, c.ids)]
+                meta["output_top_logprobs"] = [[[lp, t, text(t)] for t, lp in row] for row in c.top_logprobs]
             return {"text": c.text, "output_ids": c.ids, "meta_info": meta}
 
         if not body.stream:
@@ -107,7 +112,15 @@ class NativeApi(ApiBase):
     def model_info(self) -> dict:
         return {"model_path": self.info["model_path"], "tokenizer_path": self.args.tokenizer_path or
                 self.info["model_path"], "served_model_name": self.model_name, "is_generation": True,
-                "context_length": self.info["context_len"], "vocab_size": self.info["vocab_size"]}
+                "context_length": self.info["context_len"], "vocab_size": self.info["vocab_size"],
+                "model_type": self.info.get("model_type"), "architectures": self.info.get("architectures")}
+
+    async def load(self) -> list[dict]:
+        """SGLang's /get_load, one entry per DP replica: what the gateway's power_of_two policy compares
+        (it sums num_tokens: the KV tokens held by running requests)."""
+        return [{"dp_rank": i.get("dp_rank", d), "num_reqs": i["num_running_reqs"] + i["num_queue_reqs"],
+                 "num_waiting_reqs": i["num_queue_reqs"], "num_tokens": i["kv_used_tokens"]}
+                for d, i in enumerate(await self.tm.get_infos())]
 
     async def server_info(self) -> dict:
         live = await self.tm.get_infos()  # one entry per DP replica

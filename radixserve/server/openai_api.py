@@ -40,20 +40,27 @@ class OpenAIApi(ApiBase):
     # ---- /v1/chat/completions ----
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
+        self.check_gateway_fields(body)
+        cont = body.continue_final_message  # extend the last assistant message: no new generation prompt
         if body.top_logprobs and not body.logprobs:
             raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
         try:
-            out = self.tokenizer.apply_chat_template([msg.as_dict() for msg in body.messages],
-                                                     add_generation_prompt=True, tokenize=True)
+            msgs = [msg.as_dict() for msg in body.messages]
+            out = await self.off_loop(sum(len(str(m_.get("content") or "")) for m_ in msgs),
+                                      lambda: self.tokenizer.apply_chat_template(
+                                          msgs, add_generation_prompt=not cont, continue_final_message=cont,
+                                          tokenize=True))
         except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. roles out of order
             raise RequestError(f"the chat template rejected the messages: {e}", param="messages") from None
         ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+        self.check_prompt_len([ids], "messages")
         max_new = body.max_completion_tokens or body.max_tokens or self.default_max_tokens(len(ids))
         top = body.top_logprobs or 0
         params = self.params(lambda i: body.sampling_params(max_new, body.logprobs, top, i), body.n,
                              {"max_new_tokens": "max_tokens"})
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        res = await self.submit(rid, [ids] * body.n, params, body.stream, request, "messages")
+        res = await self.submit(rid, [ids] * body.n, params, body.stream, request, "messages",
+                                bootstraps=self.pd_bootstraps(body, body.n))
         head = {"id": rid, "created": created, "model": self.model_name}
         if not body.stream:
             choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
@@ -78,8 +85,8 @@ class OpenAIApi(ApiBase):
                 yield chunk(i, {"role": "assistant", "content": ""})
             completion, cached = 0, 0
             async for i, o in chain(first, gen):
-                if o.text or o.finish_reason or (body.logprobs and o.new_ids):
-                    yield chunk(i, {"content": o.text} if o.text else {}, o)
+                if o.text or o.new_ids or o.finish_reason:  # one chunk per output: per token by default
+                    yield chunk(i, {"content": o.text} if o.text or o.new_ids else {}, o)
                 if o.finish_reason:
                     completion += o.completion_tokens
                     cached = o.cached_tokens if i == 0 else cached
@@ -89,13 +96,13 @@ class OpenAIApi(ApiBase):
         return self.stream(events())
 
     # ---- /v1/completions ----
-    def completion_prompts(self, prompt: Any) -> list[list[int]]:
+    async def completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
-            prompts = [self.tokenizer.encode(prompt)]
+            prompts = [await self.off_loop(len(prompt), self.tokenizer.encode, prompt)]
         elif prompt and all(isinstance(p, int) for p in prompt):
             prompts = [self.check_ids(prompt, "prompt")]
         elif prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [self.tokenizer.encode(p) for p in prompt]
+            prompts = [await self.off_loop(len(p), self.tokenizer.encode, p) for p in prompt]
         else:
             prompts = [self.check_ids(p, "prompt") for p in prompt]
         if not prompts or any(not p for p in prompts):
@@ -104,13 +111,15 @@ class OpenAIApi(ApiBase):
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
+        self.check_gateway_fields(body)
         if body.best_of is not None and body.best_of != body.n:
             raise RequestError("best_of other than n is not supported", param="best_of",
                                code="unsupported_parameter")
         if body.echo and body.logprobs is not None:
             raise RequestError("echo with logprobs needs prompt logprobs, which radixserve does not compute",
                                param="echo", code="unsupported_parameter")
-        prompts = self.completion_prompts(body.prompt)
+        prompts = await self.completion_prompts(body.prompt)
+        self.check_prompt_len(prompts, "prompt")
         n, want_lp = body.n, body.logprobs is not None
         top = body.logprobs or 0
         params = self.params(lambda i: body.sampling_params(body.max_tokens, want_lp, top, i % n),
@@ -118,7 +127,8 @@ class OpenAIApi(ApiBase):
         flat = [p for p in prompts for _ in range(n)]
         echo = [self.tokenizer.decode(p) if body.echo else "" for p in flat]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        res = await self.submit(rid, flat, params, body.stream, request, "prompt")
+        res = await self.submit(rid, flat, params, body.stream, request, "prompt",
+                                bootstraps=self.pd_bootstraps(body, len(flat)))
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         n_prompt = sum(map(len, prompts))
         if not body.stream:
@@ -139,7 +149,7 @@ class OpenAIApi(ApiBase):
                     yield sse({**head, "choices": [choice], **extra})
             completion, cached = 0, 0
             async for i, o in chain(first, gen):
-                if not (o.text or o.finish_reason or (want_lp and o.new_ids)):
+                if not (o.text or o.new_ids or o.finish_reason):  # one chunk per output: per token by default
                     continue
                 lp = self.completion_logprobs(o.new_ids, o.logprobs or [], o.top_logprobs or [], offsets[i]) \
                     if want_lp else None

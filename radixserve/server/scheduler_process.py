@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch.distributed as dist
 import zmq
@@ -25,6 +26,7 @@ from radixserve.server.procs import init_child, pull, push
 
 logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 1000
+KV_POLL_MS = 2  # PD decode with nothing to run but transfers: how often to look at them
 
 
 class LeaderGone(Exception):
@@ -41,6 +43,9 @@ class SchedulerLoop:
         self.recv, self.to_detok, self.to_api, self.bcast = recv, to_detok, to_api, bcast
         self.decode = m.decoder(m.SchedulerIn).decode
         self.sent: dict[str, int] = {}  # rid → how many of its output ids were already forwarded
+        # --stream-interval N: a request's tokens go out every N of them (its first and last at once)
+        self.stream_interval = engine.args.stream_interval
+        self.time_stats = engine.args.enable_request_time_stats_logging
 
     def run(self) -> None:
         while True:
@@ -48,12 +53,17 @@ class SchedulerLoop:
                 self.handle(self.decode(raw))
             if self.sched.has_work:
                 self.emit(self.sched.step())
+            if self.sched.pd_decode is not None:  # PD: requests whose KV never arrived fail with the reason
+                for req, err in self.sched.pd_decode.take_failed():
+                    self.sent.pop(req.rid, None)
+                    self.reply(m.ReqError(req.rid, str(err), err.status))
 
     def receive(self) -> list[bytes]:
         """This iteration's input frames, the same on every TP rank. Rank 0 blocks (up to IDLE_POLL_MS) only
         when idle, so the other ranks, blocked in the broadcast meanwhile, hear from it at least as often."""
-        frames = self.drain() if self.recv is not None and self.recv.poll(
-            0 if self.sched.has_work else IDLE_POLL_MS) else []
+        s = self.sched
+        wait = KV_POLL_MS if s.waiting_for_kv and not s.running and not s.waiting else 0 if s.has_work else IDLE_POLL_MS
+        frames = self.drain() if self.recv is not None and self.recv.poll(wait) else []
         if self.bcast is None:
             return frames
         if self.recv is not None:
@@ -77,7 +87,9 @@ class SchedulerLoop:
 
     def handle(self, msg: m.SchedulerIn) -> None:
         if isinstance(msg, m.GenerateReq):
-            req = Req(msg.input_ids, msg.sampling_params, rid=msg.rid)
+            req = Req(msg.input_ids, msg.sampling_params, rid=msg.rid, bootstrap=msg.bootstrap)
+            if self.time_stats:
+                req.hops = [time.perf_counter()]
             try:
                 self.sched.add_request(req)
             except ValueError as e:
@@ -107,11 +119,16 @@ class SchedulerLoop:
             if start is None:
                 continue
             sp, ids = req.sampling_params, req.output_ids
+            if start and not req.finished and len(ids) - start < self.stream_interval:
+                continue
             if req.finished:
                 del self.sent[req.rid]
             else:
                 self.sent[req.rid] = len(ids)
             want_lp = sp.logprobs or sp.top_logprobs > 0
+            hops = None
+            if req.hops is not None:  # the first output carries the scheduler's stamps, later ones their send time
+                hops = req.hops + [time.perf_counter()] if start == 0 else [time.perf_counter()]
             outs.append(m.TokenOut(
                 rid=req.rid, new_ids=ids[start:], prompt_tokens=len(req.origin_input_ids),
                 cached_tokens=req.cached_tokens, completion_tokens=len(ids),
@@ -120,7 +137,8 @@ class SchedulerLoop:
                 stop_text_len=req.stop_text_len,
                 logprobs=req.output_logprobs[start:] if want_lp else None,
                 top_logprobs=req.output_top_logprobs[start:] if sp.top_logprobs > 0 else None,
-                stop=sp.stop if start == 0 else [], skip_special_tokens=sp.skip_special_tokens))
+                stop=sp.stop if start == 0 else [], skip_special_tokens=sp.skip_special_tokens, hops=hops,
+                no_stop_trim=sp.no_stop_trim and start == 0))
         if outs:
             self.to_detok.send(m.encode(m.BatchTokenOut(outs)))
 
@@ -144,7 +162,8 @@ def memory_info(engine: Engine) -> dict:
     return {"max_total_num_tokens": r.memory.max_total_num_tokens,
             "max_running_requests": r.max_running_requests, "context_len": r.context_len,
             "available_gpu_mem": round(r.memory.available_mem_gb, 2),
-            "vocab_size": r.cfg.vocab_size, "model_path": engine.src.path}
+            "vocab_size": r.cfg.vocab_size, "model_path": engine.src.path,
+            "architectures": [r.cfg.architecture], "model_type": getattr(r.cfg.hf_config, "model_type", None)}
 
 
 def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, spec: RankSpec | None = None,

@@ -9,6 +9,11 @@ Each request registers an asyncio.Queue under its rid; one task reads the PULL s
 output to its queue. Sends go through a plain (blocking-API) PUSH socket: a PUSH below its high-water
 mark never blocks, and a sync send still works from a `finally` of a cancelled task, which is where a
 disconnected client's request is aborted.
+
+Request ids: a client may name its request (`rid` on /generate), but that name only keys the request's
+group here (for abort and the duplicate check). The ids the scheduler and detokenizer see are made here,
+`<client rid>#<sequence number>.<choice>`, so no client can pick an id that another request uses: the
+sequence number is this process's own, and the last `#` separates it from whatever the client sent.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from radixserve.core import SamplingParams
+from radixserve.disaggregation.types import BootstrapInfo
 from radixserve.server import messages as m
 from radixserve.server.metrics import Metrics
 from radixserve.server.procs import pull, push
@@ -57,6 +63,9 @@ class TokenizerManager:
         self.groups: dict[str, list[str]] = {}  # client-visible rid → internal rids (one per choice)
         self.control: dict[int, asyncio.Future] = {}
         self.control_ids = itertools.count()
+        self.seq = itertools.count()  # makes internal request ids unique for the life of the process
+        self.draining = False  # SIGTERM: finish what runs, refuse new work with 503
+        self.closed = False
         self.tokenizer: Any = None
         self.ready: m.Ready | None = None
         self.dead: str | None = None
@@ -82,7 +91,10 @@ class TokenizerManager:
                     self._route(o.rid, o)
             elif isinstance(msg, m.ReqError):
                 code = "context_length_exceeded" if "context length" in msg.message else "invalid_value"
-                self._route(msg.rid, RequestError(msg.message, 400, None, code))
+                if msg.status >= 500:  # failed after admission (PD: its KV never arrived)
+                    self._route(msg.rid, RequestError.server(msg.message, msg.status))
+                else:
+                    self._route(msg.rid, RequestError(msg.message, msg.status, None, code))
             elif isinstance(msg, (m.FlushCacheOut, m.InfoOut)):
                 fut = self.control.pop(msg.req_id, None)
                 if fut is not None and not fut.done():
@@ -93,11 +105,13 @@ class TokenizerManager:
         if entry is not None:
             entry[0].put_nowait((entry[1], item))
 
-    def fail_all(self, reason: str) -> None:
-        """A child process died: every waiting request ends now with a 500 instead of hanging."""
-        self.dead = reason
+    def fail_all(self, reason: str, status: int = 500, dead: bool = True) -> None:
+        """Every waiting request ends now with an error instead of hanging: a child process died (`dead`),
+        or the shutdown grace period ran out (the requests are aborted in the scheduler as well)."""
+        if dead:
+            self.dead = reason
         for q, i in list(self.queues.values()):
-            q.put_nowait((i, RequestError.server(reason)))
+            q.put_nowait((i, RequestError.server(reason, status)))
         for fut in self.control.values():
             if not fut.done():
                 fut.set_exception(RequestError.server(reason))
@@ -107,16 +121,26 @@ class TokenizerManager:
         if self.dead:
             raise RequestError.server(self.dead, 503)
 
+    @property
+    def in_flight(self) -> int:
+        """Client-visible requests not finished yet (a request with n choices counts once)."""
+        return len(self.groups)
+
     # ---- generation ---------------------------------------------------------------------------------
-    async def generate(self, rid: str, prompts: list[list[int]], params: list[SamplingParams]
-                       ) -> AsyncIterator[tuple[int, m.StrOut]]:
+    async def generate(self, rid: str, prompts: list[list[int]], params: list[SamplingParams],
+                       bootstraps: list[BootstrapInfo] | None = None) -> AsyncIterator[tuple[int, m.StrOut]]:
         """Submit one request per (prompt, params) pair and yield (index, output) as they arrive, until all
         have finished. Leaving early (client gone, error, cancellation) aborts the unfinished ones, which
         frees their KV at once."""
         self._check_alive()
+        if self.draining:
+            raise RequestError("the server is shutting down and accepts no new requests; send it to another "
+                               "instance", 503, None, "server_shutting_down", "server_error")
         if rid in self.groups:
-            raise RequestError(f"request id {rid!r} is already in use", 400, "rid", "duplicate_rid")
-        rids = [rid] if len(prompts) == 1 else [f"{rid}-{i}" for i in range(len(prompts))]
+            raise RequestError(f"request id {rid!r} is already in flight; pick a unique rid", 400, "rid",
+                               "duplicate_rid")
+        tag = f"{rid}#{next(self.seq)}"
+        rids = [f"{tag}.{i}" for i in range(len(prompts))]
         q: asyncio.Queue = asyncio.Queue()
         self.groups[rid] = rids
         for i, r in enumerate(rids):
@@ -124,9 +148,9 @@ class TokenizerManager:
         pending = set(range(len(rids)))
         timer = self.metrics.timer(len(rids)) if self.metrics is not None else None
         try:
-            for r, ids, sp in zip(rids, prompts, params):
+            for i, (r, ids, sp) in enumerate(zip(rids, prompts, params)):
                 d = self.router.route(r, ids, sp.max_new_tokens)
-                self.to_scheds[d].send(m.encode(m.GenerateReq(r, ids, sp)))
+                self.to_scheds[d].send(m.encode(m.GenerateReq(r, ids, sp, bootstraps[i] if bootstraps else None)))
             while pending:
                 i, out = await q.get()
                 if isinstance(out, RequestError):
@@ -136,6 +160,8 @@ class TokenizerManager:
                 if timer is not None:
                     timer.on_output(i, out)
                 yield i, out
+                if timer is not None:  # resumed: the consumer has sent this output's chunk
+                    timer.on_written(i, out)
         finally:
             for i in pending:
                 self.abort_one(rids[i])
@@ -145,10 +171,11 @@ class TokenizerManager:
             self.groups.pop(rid, None)
 
     def abort_one(self, rid: str) -> None:
-        if not self.dead:
-            d = self.router.replica(rid)
-            for sock in self.to_scheds if d is None else [self.to_scheds[d]]:
-                sock.send(m.encode(m.AbortReq(rid)))
+        if self.dead or self.closed:  # nobody left to tell (the schedulers are gone or going)
+            return
+        d = self.router.replica(rid)
+        for sock in self.to_scheds if d is None else [self.to_scheds[d]]:
+            sock.send(m.encode(m.AbortReq(rid)))
 
     def abort(self, rid: str | None = None) -> int:
         """Abort a client-visible request (all its choices), or every request when rid is None. The
@@ -198,6 +225,7 @@ class TokenizerManager:
         return total
 
     def close(self) -> None:
+        self.closed = True
         self.recv.close()
         for sock in self.to_scheds:
             sock.close()

@@ -1,0 +1,69 @@
+"""What the scheduler holds in PD mode: one object per side, built from ServerArgs.
+
+Prefill (`--disaggregation-mode prefill`): TP rank 0 runs the bootstrap server on
+--disaggregation-bootstrap-port; every rank runs a KV sender and registers it there. `send(req, first_token)`
+copies the prompt's KV out of the pool at once, so the scheduler frees (caches) the slots as for any finished
+request while the sender waits for the decode side.
+
+Decode (`--disaggregation-mode decode`): `fetch(info, num_tokens)` starts receiving a request's KV into host
+memory; the scheduler has reserved the slots before, and writes the KV into them when the transfer is done.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from radixserve.args import ServerArgs
+from radixserve.core import Req
+from radixserve.disaggregation.bootstrap import BootstrapServer, register
+from radixserve.disaggregation.kv import export_kv, kv_layout
+from radixserve.disaggregation.tcp import TCPKVReceiver, TCPKVSender, Transfer
+from radixserve.disaggregation.types import BootstrapInfo, KVPayload
+from radixserve.kvcache.pool import KVPool
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillEndpoint:
+    def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0) -> None:
+        self.pool = pool
+        self.bootstrap = BootstrapServer(args.host, args.disaggregation_bootstrap_port) if tp_rank == 0 else None
+        self.sender = TCPKVSender(args.host, args.disaggregation_waiting_timeout)
+        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        # None: the decode side connects to the host it reached the bootstrap server at (the gateway's
+        # bootstrap_host), which is right whenever this server listens on all interfaces
+        register(host, args.disaggregation_bootstrap_port, tp_rank,
+                 None if args.host in ("0.0.0.0", "::") else args.host, self.sender.port)
+
+    def send(self, req: Req, first_token: int) -> None:
+        """Offer the prompt's KV (and the first token, sampled here) under the request's room."""
+        n = len(req.origin_input_ids)
+        kv = export_kv(self.pool, torch.tensor(req.slots[:n], dtype=torch.int64))
+        lp = req.output_logprobs[-1] if req.output_logprobs else None
+        top = [list(e) for e in req.output_top_logprobs[-1]] if req.output_top_logprobs else None
+        self.sender.offer(req.bootstrap.room, KVPayload(kv, first_token, req.seed, req.cached_tokens, lp, top))
+
+    def close(self) -> None:
+        self.sender.close()
+        if self.bootstrap is not None:
+            self.bootstrap.close()
+
+
+class DecodeEndpoint:
+    def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0) -> None:
+        self.receiver = TCPKVReceiver(tp_rank, args.disaggregation_waiting_timeout, kv_layout(pool))
+
+    def fetch(self, info: BootstrapInfo, num_tokens: int) -> Transfer:
+        return self.receiver.fetch(info, num_tokens)
+
+    def close(self) -> None:
+        pass
+
+
+def make_endpoint(args: ServerArgs, pool: KVPool, tp_rank: int = 0) -> PrefillEndpoint | DecodeEndpoint | None:
+    if args.disaggregation_mode == "prefill":
+        return PrefillEndpoint(args, pool, tp_rank)
+    if args.disaggregation_mode == "decode":
+        return DecodeEndpoint(args, pool, tp_rank)
+    return None
