@@ -83,6 +83,29 @@ def apply_penalties(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
     return out
 
 
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """`logits` with -inf wherever bit t % 32 of word t // 32 of the row's int32 bitmask is clear.
+    Out of place: the logits may be a CUDA graph's output buffer."""
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).reshape(bitmask.shape[0], -1)[:, :logits.shape[1]]
+    return logits.masked_fill(allowed == 0, float("-inf"))
+
+
+def apply_logit_bias(logits: torch.Tensor, reqs: list[Req]) -> torch.Tensor:
+    """OpenAI's logit_bias: a value added to a token's logit before sampling (-100 bans it in practice)."""
+    rows, cols, vals = [], [], []
+    for i, r in enumerate(reqs):
+        for tok, bias in (r.sampling_params.logit_bias or {}).items():
+            if tok < logits.shape[1]:
+                rows.append(i)
+                cols.append(tok)
+                vals.append(bias)
+    out = logits.float().clone()
+    dev = logits.device
+    out.index_put_((to_device(rows, dev), to_device(cols, dev)), to_device(vals, dev, out.dtype), accumulate=True)
+    return out
+
+
 _NUCLEUS_PREFIX = 1024  # top-p first looks for its nucleus among this many tokens (topk is ~10x cheaper than sort)
 
 
@@ -104,6 +127,7 @@ class Sampler:
         self._tok_hash = _mix64((torch.arange(vocab_size, dtype=torch.int64, device=self.device) + 1) * _GOLDEN)
         self._last_batch: list[Req] = []
         self._last_batch_argmax = False
+        self._last_batch_bias = False
 
     def _is_argmax_batch(self, reqs: list[Req]) -> bool:
         """Whether every request is greedy with no penalty and no logprobs, so the batch's tokens are just
@@ -112,14 +136,22 @@ class Sampler:
         list comparison (Reqs compare by identity, in C) instead of several checks per request."""
         if reqs != self._last_batch:
             self._last_batch = list(reqs)
+            self._last_batch_bias = any(r.sampling_params.logit_bias for r in reqs)
             self._last_batch_argmax = all(
                 p.greedy and p.repetition_penalty == 1.0 and not p.frequency_penalty and not p.presence_penalty
                 and not p.logprobs and not p.top_logprobs for p in (r.sampling_params for r in reqs))
         return self._last_batch_argmax
 
-    def sample(self, logits: torch.Tensor, reqs: list[Req]) -> SampleOutput:
+    def sample(self, logits: torch.Tensor, reqs: list[Req], bitmask: torch.Tensor | None = None) -> SampleOutput:
+        """`bitmask`: the grammar's allowed tokens per row (GrammarMasks.bitmask), applied before anything
+        else, so greedy, sampling and logprobs all see the constrained distribution."""
         assert logits.shape == (len(reqs), self.vocab_size), (logits.shape, len(reqs), self.vocab_size)
-        if self._is_argmax_batch(reqs):  # what the general path below computes for such a batch
+        argmax = self._is_argmax_batch(reqs)
+        if bitmask is not None:
+            logits = apply_token_bitmask(logits, bitmask)
+        if self._last_batch_bias:
+            logits = apply_logit_bias(logits, reqs)
+        if argmax:  # what the general path below computes for such a batch
             return SampleOutput(logits.float().argmax(dim=-1), None, None)
         ps, dev, logits = [r.sampling_params for r in reqs], logits.device, logits.float()
         penalised = apply_penalties(logits, reqs)

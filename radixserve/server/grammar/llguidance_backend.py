@@ -1,0 +1,112 @@
+"""The llguidance backend: JSON schema, regex, GBNF/EBNF and Lark grammars, masks filled in parallel.
+
+Compiling builds an LLMatcher once per distinct (kind, text) and keeps it, unconsumed, in an LRU
+cache; every request gets a deep copy of it (microseconds), so a repeated schema costs nothing.
+Building the tokenizer's token trie takes about a second for a 50k vocabulary, so it happens on the
+first constrained request, not at start-up.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from radixserve.server.grammar.backend import GrammarBackend, GrammarError, Matcher
+
+CACHE_SIZE = 512
+# Compact JSON with OpenAI's separators. The library default lets whitespace run anywhere, and a small
+# model can then spend its whole budget on newlines inside a valid document.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def grammar_source(kind: str, text: str) -> str:
+    """The llguidance grammar for a (kind, text) pair; GrammarError for text that is not even parseable."""
+    import llguidance
+    try:
+        if kind == "json_schema":
+            return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=JSON_OPTIONS)
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(text)
+        if kind == "ebnf":
+            return llguidance.grammar_from("ebnf", text)
+        if kind == "lark":
+            return llguidance.LLMatcher.grammar_from_lark(text)
+    except ValueError as e:
+        raise GrammarError(str(e)) from None
+    raise GrammarError(f"unknown grammar kind {kind!r}")
+
+
+class LLGuidanceMatcher(Matcher):
+    def __init__(self, m: Any) -> None:
+        self.m, self.accepted = m, 0
+
+    def accept(self, token: int) -> bool:
+        ok = self.m.consume_token(token)
+        self.accepted += ok
+        return ok
+
+    def rollback(self, num_tokens: int) -> None:
+        if num_tokens > 0:
+            self.m.rollback(num_tokens)
+            self.accepted -= num_tokens
+
+    @property
+    def terminated(self) -> bool:
+        return self.m.is_stopped()
+
+    @property
+    def failed(self) -> bool:
+        return self.m.is_error()
+
+
+class LLGuidanceBackend(GrammarBackend):
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int], threads: int | None = None) -> None:
+        """`vocab_size`: the model's (logits width), which may exceed the tokenizer's; `eos_ids`: every
+        id that ends a request, so a complete grammar lets the model stop with any of them."""
+        self.tokenizer, self.vocab_size, self.eos_ids, self.threads = tokenizer, vocab_size, eos_ids, threads
+        self._lltok: Any = None
+        self._executor: Any = None
+        self.cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.compiled = 0  # cache misses, for tests and stats
+
+    @property
+    def lltok(self) -> Any:
+        if self._lltok is None:
+            import llguidance
+            import llguidance.hf
+            if self.tokenizer is None:
+                raise GrammarError("constrained decoding needs the model's tokenizer; this model has none")
+            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                                       eos_token=list(self.eos_ids) or None)
+            self._executor = llguidance.LLExecutor(self.threads)
+        return self._lltok
+
+    def validate(self, kind: str, text: str) -> None:
+        import llguidance
+        is_error, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(grammar_source(kind, text))
+        if is_error:
+            raise GrammarError(msgs[0] if msgs else "invalid grammar")
+
+    def matcher(self, kind: str, text: str) -> Matcher:
+        import llguidance
+        key = (kind, text)
+        base = self.cache.get(key)
+        if base is None:
+            base = llguidance.LLMatcher(self.lltok, grammar_source(kind, text), log_level=0)
+            if base.is_error():
+                raise GrammarError(base.get_error())
+            self.compiled += 1
+            self.cache[key] = base
+            if len(self.cache) > CACHE_SIZE:
+                self.cache.popitem(last=False)
+        else:
+            self.cache.move_to_end(key)
+        return LLGuidanceMatcher(base.deep_copy())
+
+    def fill_bitmask(self, matchers: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
+        import llguidance.torch
+        _ = self.lltok  # the executor is built with it
+        pairs = [(m.m, row) for m, row in matchers if isinstance(m, LLGuidanceMatcher)]
+        llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
+
