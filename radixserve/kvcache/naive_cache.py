@@ -21,6 +21,9 @@ class NaiveCache:
     def match_prefix(self, token_ids: list[int]) -> MatchResult:
         return MatchResult(torch.empty(0, dtype=torch.int64), None)
 
+    def match_for_admission(self, token_ids: list[int], rid: str) -> MatchResult:
+        return self.match_prefix(token_ids)
+
     def record_hit(self, matched: int, total: int) -> None:
         self.hit_tokens += matched
         self.queried_tokens += total

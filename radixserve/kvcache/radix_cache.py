@@ -27,6 +27,8 @@ from radixserve.kvcache.allocator import PageAllocator
 class MatchResult:
     slots: torch.Tensor  # int64 [n], n a multiple of page_size
     node: object  # lock this while a request uses the prefix (None for the naive cache)
+    host_len: int = 0  # HiCache: tokens of the match loaded back from the host tier for it
+    storage_len: int = 0  # HiCache: of those, tokens read from the file tier first
 
     @property
     def length(self) -> int:
@@ -58,6 +60,8 @@ def _empty() -> torch.Tensor:
 
 
 class RadixCache:
+    node_cls = TreeNode  # HiRadixCache's nodes carry more state
+
     def __init__(self, allocator: PageAllocator, page_size: int) -> None:
         assert allocator.page_size == page_size, "cache and allocator must agree on page_size"
         self.allocator = allocator
@@ -91,7 +95,7 @@ class RadixCache:
         request holding `child` as its handle still unlocks the right path."""
         parent = child.parent
         assert parent is not None and 0 < m < len(child.key) and m % self.page_size == 0
-        top = TreeNode(child.key[:m], child.value[:m], parent, child.lock_ref, child.last_access)
+        top = self.node_cls(child.key[:m], child.value[:m], parent, child.lock_ref, child.last_access)
         parent.children[self._child_key(child.key)] = top
         child.key, child.value, child.parent = child.key[m:], child.value[m:], top
         top.children[self._child_key(child.key)] = child
@@ -118,6 +122,10 @@ class RadixCache:
             values.append(child.value)
             node, pos = child, pos + m
         return MatchResult(torch.cat(values) if values else _empty(), node)
+
+    def match_for_admission(self, token_ids: list[int], rid: str) -> MatchResult | None:
+        """The match a request is admitted with (HiRadixCache also loads host pages and may say wait)."""
+        return self.match_prefix(token_ids)
 
     def record_hit(self, matched: int, total: int) -> None:
         self.hit_tokens += matched
@@ -179,7 +187,7 @@ class RadixCache:
         while pos < len(key):
             child = cur.children.get(self._child_key(key[pos:]))
             if child is None:
-                new = TreeNode(key[pos:], slots[pos:].clone(), cur, 0, now)
+                new = self.node_cls(key[pos:], slots[pos:].clone(), cur, 0, now)
                 cur.children[self._child_key(new.key)] = new
                 self._evictable += len(new.key)
                 break
@@ -244,7 +252,7 @@ class RadixCache:
             assert self._protected == 0, "reset with locked nodes"
             for n in self._nodes():
                 self.allocator.free(n.value)
-        self.root = TreeNode([], _empty(), None, lock_ref=1)  # permanently locked: never evicted
+        self.root = self.node_cls([], _empty(), None, lock_ref=1)  # permanently locked: never evicted
         self._evictable = 0
         self._protected = 0
 

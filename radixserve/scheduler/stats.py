@@ -22,6 +22,9 @@ class SchedulerStats:
     generation_tokens_total: int = 0
     cached_tokens_total: int = 0
     queried_tokens_total: int = 0  # prompt tokens looked up in the prefix cache (first admission only)
+    hicache: bool = False  # --enable-hierarchical-cache: the lines below split hits by tier
+    host_cached_tokens_total: int = 0  # of cached_tokens_total: loaded back from the host tier (HiCache)
+    storage_cached_tokens_total: int = 0  # of those: read from the file tier first
     last_gen_throughput: float = 0.0
     _tokens_since_log: int = 0
     _last_log_time: float = field(default_factory=time.perf_counter)
@@ -29,21 +32,38 @@ class SchedulerStats:
     def token_usage(self, used: int) -> float:
         return used / self.capacity if self.capacity else 0.0
 
-    def record_hit(self, cached: int, queried: int) -> None:
+    def record_hit(self, cached: int, queried: int, host: int = 0, storage: int = 0) -> None:
         """Counted once per request, at its first admission: a retracted request re-matching its own KV
-        is not a hit a client would see, and `usage.cached_tokens` reports the first match only."""
+        is not a hit a client would see, and `usage.cached_tokens` reports the first match only. `cached`
+        counts every tier; `host` is the part HiCache loaded from host memory, `storage` the part of that
+        read from files."""
         self.cached_tokens_total += cached
         self.queried_tokens_total += queried
+        self.host_cached_tokens_total += host
+        self.storage_cached_tokens_total += storage
+
+    def hit_tiers(self) -> dict[str, int]:
+        """Cached prompt tokens by the tier they came from (the live snapshot behind /metrics)."""
+        return {"device_cached_tokens_total": self.cached_tokens_total - self.host_cached_tokens_total,
+                "host_cached_tokens_total": self.host_cached_tokens_total - self.storage_cached_tokens_total,
+                "storage_cached_tokens_total": self.storage_cached_tokens_total}
+
+    def _tier_text(self) -> str:
+        t = self.hit_tiers()
+        return (f", #device-cached-token: {t['device_cached_tokens_total']}, #host-cached-token: "
+                f"{t['host_cached_tokens_total']}, #storage-cached-token: {t['storage_cached_tokens_total']}")
 
     @property
     def cache_hit_rate(self) -> float:
         return self.cached_tokens_total / self.queried_tokens_total if self.queried_tokens_total else 0.0
 
     def log_prefill(self, new_seq: int, new_token: int, cached: int, used: int, running: int,
-                    queued: int) -> None:
+                    queued: int, mixed: int = 0) -> None:
+        """`mixed`: running requests decoding in the same forward (--enable-mixed-chunk); the line then
+        ends with `#mixed-decode-req: N`, and #new-token counts the prompt tokens only."""
         logger.info(f"Prefill batch. #new-seq: {new_seq}, #new-token: {new_token}, #cached-token: {cached}, "
                     f"token usage: {self.token_usage(used):.2f}, #running-req: {running}, "
-                    f"#queue-req: {queued}")
+                    f"#queue-req: {queued}" + (f", #mixed-decode-req: {mixed}" if mixed else ""))
 
     def on_decode(self, batch_size: int, used: int, queued: int, cuda_graph: bool) -> None:
         self.decode_steps += 1
@@ -55,10 +75,12 @@ class SchedulerStats:
         self._tokens_since_log, self._last_log_time = 0, now
         logger.info(f"Decode batch. #running-req: {batch_size}, #token: {used}, "
                     f"token usage: {self.token_usage(used):.2f}, cuda graph: {cuda_graph}, "
-                    f"gen throughput (token/s): {self.last_gen_throughput:.2f}, #queue-req: {queued}")
+                    f"gen throughput (token/s): {self.last_gen_throughput:.2f}, #queue-req: {queued}"
+                    + (self._tier_text() if self.hicache else ""))
         if self.cache_report:  # cumulative, like the cache_hit_rate gauge, so the two can be compared
             logger.info(f"Cache report. #cached-token: {self.cached_tokens_total}, #queried-token: "
-                        f"{self.queried_tokens_total}, cache hit rate: {self.cache_hit_rate:.2f}")
+                        f"{self.queried_tokens_total}, cache hit rate: {self.cache_hit_rate:.2f}"
+                        + (self._tier_text() if self.hicache else ""))
 
     def log_retract(self, n: int, old_ratio: float, new_ratio: float) -> None:
         self.num_retractions += n
