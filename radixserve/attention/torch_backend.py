@@ -46,8 +46,7 @@ class TorchAttentionBackend:
         B, H, D = fb.batch_size, layer.num_heads, layer.head_dim
         qp = q.new_zeros(B, fb.max_extend_len, H, D)
         qp[m.token_req, m.token_off] = q
-        k = fb.kv_pool.k[layer.layer_id][m.kv_slots].to(q.dtype)  # [B, max_kv, KVH, D]
-        v = fb.kv_pool.v[layer.layer_id][m.kv_slots].to(q.dtype)
+        k, v = fb.kv_pool.load(layer.layer_id, m.kv_slots, q.dtype)  # [B, max_kv, KVH, D], FP8 scales applied
         mask = m.mask
         if layer.sliding_window:
             mask = mask & (m.key_pos[:, None, :] > m.query_pos[:, :, None] - layer.sliding_window)[:, None]

@@ -131,6 +131,7 @@ class TritonAttentionBackend:
         if not isinstance(meta, (TritonDecodeMeta, TritonExtendMeta)):
             return self._torch.forward(q, layer, fb)
         k_buf, v_buf = fb.kv_pool.k[layer.layer_id], fb.kv_pool.v[layer.layer_id]
+        k_scale, v_scale = fb.kv_pool.k_scale[layer.layer_id], fb.kv_pool.v_scale[layer.layer_id]
         if q.stride(-1) != 1:
             q = q.contiguous()
         if isinstance(meta, TritonDecodeMeta):
@@ -139,7 +140,9 @@ class TritonAttentionBackend:
             if splits > 1:
                 self._ensure_scratch(B * H * splits * D, B * H * splits, q.device)
             return K.decode_attention(q, k_buf, v_buf, fb.req_to_token, fb.req_rows, fb.seq_lens, layer.scale,
-                                      layer.sliding_window, splits, self._mid_o, self._mid_lse)
+                                      layer.sliding_window, splits, self._mid_o, self._mid_lse,
+                                      k_scale=k_scale, v_scale=v_scale)
         return K.extend_attention(q, k_buf, v_buf, fb.req_to_token, fb.req_rows, fb.prefix_lens, fb.extend_lens,
                                   layer.scale, layer.sliding_window,
-                                  (meta.block_req, meta.block_idx, meta.q_starts), meta.config)
+                                  (meta.block_req, meta.block_idx, meta.q_starts), meta.config,
+                                  k_scale=k_scale, v_scale=v_scale)

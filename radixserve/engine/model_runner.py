@@ -16,8 +16,9 @@ from radixserve.distributed.group import TPGroup
 from radixserve.engine.compile import compile_decode
 from radixserve.engine.cuda_graph import CudaGraphRunner
 from radixserve.forward_batch import ForwardBatch
-from radixserve.kvcache.pool import KVPool, ReqToTokenPool
+from radixserve.kvcache.pool import KVPool, ReqToTokenPool, is_fp8, kv_cache_dtype
 from radixserve.layers.attention import FORWARD_CONTEXT
+from radixserve.layers.quantization import resolve_quant_config
 from radixserve.models.config import ModelConfig
 from radixserve.models.registry import build_model
 from radixserve.transfer import int64_tensor, to_device
@@ -49,6 +50,9 @@ class ModelRunner:
         self.device = torch.device(args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
         self.dtype = args.torch_dtype
         self.cfg = model_config or load_config(src)
+        self.cfg.quant = resolve_quant_config(args.quantization, self.cfg.hf_config, self.device,
+                                              use_checkpoint=args.load_format != "dummy")
+        self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.context_len = args.context_length or self.cfg.max_position_embeddings
         t0 = time.perf_counter()
         default_dtype = torch.get_default_dtype()
@@ -58,15 +62,23 @@ class ModelRunner:
                 self.model = build_model(self.cfg, tp, args.ep_size)
         finally:
             torch.set_default_dtype(default_dtype)
-        load_weights(self.model, src, args.load_format, args.seed)
+        kv_scales = load_weights(self.model, src, args.load_format, args.seed)
         self.model.eval()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # weights quantized at load leave their 16-bit copies in the cache
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        logger.info("Loaded %s (%s, %.2f GB) in %.1f s", src.name, self.cfg.architecture,
-                    self.weight_bytes / GB, time.perf_counter() - t0)
+        logger.info("Loaded %s (%s, %.2f GB; linear layers: %s) in %.1f s", src.name, self.cfg.architecture,
+                    self.weight_bytes / GB, self.cfg.quant.describe() if self.cfg.quant else "unquantized",
+                    time.perf_counter() - t0)
         self.memory = self._plan_memory()
         kv_heads = self.model.model.layers[0].self_attn.attn.num_kv_heads
         self.kv_pool = KVPool(self.cfg.num_layers, self.memory.num_pages * args.page_size, kv_heads,
-                              self.cfg.head_dim, self.dtype, self.device)
+                              self.cfg.head_dim, self.kv_dtype, self.device, kv_scales)
+        per_token = KVPool.bytes_per_token(self.cfg.num_layers, kv_heads, self.cfg.head_dim, self.kv_dtype)
+        logger.info("KV cache: %d tokens x %d B = %.2f GB in %s%s", self.memory.max_total_num_tokens, per_token,
+                    self.memory.max_total_num_tokens * per_token / GB, str(self.kv_dtype).removeprefix("torch."),
+                    f", checkpoint k/v scales for {len(kv_scales)} layers" if kv_scales and is_fp8(self.kv_dtype)
+                    else "")
         self.max_running_requests = args.max_running_requests or min(
             4096 if self.device.type == "cuda" else 256, max(self.memory.max_total_num_tokens // 8, 1))
         self.req_to_token_pool = ReqToTokenPool(self.max_running_requests, self.context_len + 1, self.device)
@@ -89,7 +101,7 @@ class ModelRunner:
     def _plan_memory(self) -> MemoryPlan:
         a, ps = self.args, self.args.page_size
         per_token = KVPool.bytes_per_token(self.cfg.num_layers, self.model.model.layers[0].self_attn.attn.num_kv_heads,
-                                           self.cfg.head_dim, self.dtype)
+                                           self.cfg.head_dim, self.kv_dtype)
         free, total = device_memory(self.device)
         if a.max_total_tokens:
             tokens = a.max_total_tokens

@@ -119,7 +119,7 @@ def decode_scratch_numel(max_batch: int, num_heads: int, num_kv_heads: int, head
 @triton.jit
 def _decode_stage1(Q, K, V, Out, MidO, MidLse, ReqToToken, ReqRows, SeqLens,
                    stride_qb, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-                   stride_ob, stride_oh, stride_r2t, sm_scale_log2, window,
+                   stride_ob, stride_oh, stride_r2t, sm_scale_log2, window, v_scale,
                    NUM_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -159,7 +159,7 @@ def _decode_stage1(Q, K, V, Out, MidO, MidLse, ReqToToken, ReqRows, SeqLens,
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = acc * (v_scale / l_safe)[:, None]
     mask_out = mask_g[:, None] & (offs_d[None, :] < D)
     if NUM_SPLITS == 1:
         o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
@@ -203,8 +203,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                      req_rows: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                      sliding_window: int | None = None, num_splits: int | None = None,
                      mid_o: torch.Tensor | None = None, mid_lse: torch.Tensor | None = None,
-                     out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                     out: torch.Tensor | None = None, config: dict | None = None, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """Attention of one new token per request over its paged KV.
+
+    An FP8 pool is read as stored and upcast in registers: k_scale folds into the softmax scale and
+    v_scale into the output (a stored value times its scale is the real one; KVPool).
 
     q [B, H, D]; k_buf/v_buf [num_slots, KVH, D] (one layer of the pool); req_to_token [rows, ctx]
     int64; req_rows, seq_lens [B] int64 (seq_len counts the new token, already stored). mid_o /
@@ -234,8 +238,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     _decode_stage1[(B, KVH, S)](
         q, k_buf, v_buf, out, mid_o, mid_lse, req_to_token, req_rows, seq_lens,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        out.stride(0), out.stride(1), req_to_token.stride(0), scale * LOG2E,
-        int(sliding_window) if has_window else 0,
+        out.stride(0), out.stride(1), req_to_token.stride(0), scale * k_scale * LOG2E,
+        int(sliding_window) if has_window else 0, float(v_scale),
         NUM_HEADS=H, G=G, D=D, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=S, HAS_WINDOW=has_window, DOT_PREC=_dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -284,7 +288,7 @@ def extend_block_table(extend_lens: torch.Tensor, num_tokens: int, block_m: int
 @triton.jit
 def _extend_kernel(Q, K, V, Out, ReqToToken, ReqRows, PrefixLens, ExtendLens, QStarts, BlockReq, BlockIdx,
                    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_ot, stride_oh,
-                   stride_r2t, sm_scale_log2, window,
+                   stride_r2t, sm_scale_log2, window, v_scale,
                    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_D: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr):
     h = tl.program_id(0)
@@ -342,7 +346,7 @@ def _extend_kernel(Q, K, V, Out, ReqToToken, ReqRows, PrefixLens, ExtendLens, QS
         v = _gather_rows(v_base, slots, stride_vs, offs_d, mask_n, D, BLOCK_D, True).to(q.dtype)
         m_i, l_i, acc = _softmax_step(qk, v, m_i, l_i, acc, DOT_PREC)
 
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    out = acc * (v_scale / tl.where(l_i == 0.0, 1.0, l_i))[:, None]
     o_ptrs = Out + (q0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & (offs_d[None, :] < D))
 
@@ -351,11 +355,13 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                      req_rows: torch.Tensor, prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
                      scale: float, sliding_window: int | None = None,
                      table: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                     config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                     config: dict | None = None, out: torch.Tensor | None = None, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """Causal attention of the packed new tokens q [T, H, D] (request b's rows sit at positions
     prefix_lens[b] + 0..extend_lens[b]-1) over each request's KV in the pool (prefix + new tokens,
     all already stored). `table`/`config` come from extend_block_table / extend_config (built once
-    per batch by the backend); without them they are derived here. Returns [T, H, D]."""
+    per batch by the backend); without them they are derived here. FP8 pools: as decode_attention.
+    Returns [T, H, D]."""
     T, H, D = q.shape
     KVH = k_buf.shape[1]
     assert H % KVH == 0 and k_buf.shape[2] == D and q.stride(-1) == 1
@@ -372,8 +378,8 @@ def extend_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     _extend_kernel[(H, block_req.numel())](
         q, k_buf, v_buf, out, req_to_token, req_rows, prefix_lens, extend_lens, q_starts, block_req, block_idx,
         q.stride(0), q.stride(1), k_buf.stride(0), k_buf.stride(1), v_buf.stride(0), v_buf.stride(1),
-        out.stride(0), out.stride(1), req_to_token.stride(0), scale * LOG2E,
-        int(sliding_window) if has_window else 0,
+        out.stride(0), out.stride(1), req_to_token.stride(0), scale * k_scale * LOG2E,
+        int(sliding_window) if has_window else 0, float(v_scale),
         G=H // KVH, D=D, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D),
         HAS_WINDOW=has_window, DOT_PREC=_dot_precision(q.dtype),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])

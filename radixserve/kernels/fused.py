@@ -57,6 +57,18 @@ def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def _fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max) if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else 0.0
+
+
+def _cache_ref(x: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """x in a KV cache of `dtype` (the semantics of KVPool.encode)."""
+    m = _fp8_max(dtype)
+    if not m:
+        return x.to(dtype)
+    return (x.float() / scale).clamp(-m, m).to(dtype)
+
+
 def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin: torch.Tensor):
     """Out of place: returns the rotated (q, k) like RotaryEmbedding.forward."""
     cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
@@ -99,8 +111,17 @@ if HAS_TRITON:
         tl.store(Out + row * stride_o + cols, (s.to(tl.float32) * u).to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _rotate_heads(Src, Dst, src_off, dst_off, stride_src_h, stride_dst_h, n_heads, cos, sin,
-                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    def _to_cache(x, inv_scale, Dst, FP8_MAX: tl.constexpr):
+        """x (already rounded to the activation dtype) in the cache's format: FP8 caches store
+        x / scale, saturated to +-FP8_MAX (FP8_MAX 0: a 16/32-bit cache, a plain cast)."""
+        if FP8_MAX > 0:
+            y = tl.minimum(tl.maximum(x.to(tl.float32) * inv_scale, -FP8_MAX), FP8_MAX)
+            return y.to(Dst.dtype.element_ty)
+        return x.to(Dst.dtype.element_ty)
+
+    @triton.jit
+    def _rotate_heads(Src, Dst, src_off, dst_off, stride_src_h, stride_dst_h, n_heads, cos, sin, inv_scale,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, FP8_MAX: tl.constexpr):
         """Rotate-half of all heads of one token: [BLOCK_H, HALF] tiles for each half, fp32 math."""
         offs_h = tl.arange(0, BLOCK_H)
         offs_r = tl.arange(0, BLOCK_HALF)
@@ -111,32 +132,32 @@ if HAS_TRITON:
         o1 = (x1 * cos[None, :] - x2 * sin[None, :]).to(Src.dtype.element_ty)
         o2 = (x2 * cos[None, :] + x1 * sin[None, :]).to(Src.dtype.element_ty)
         dst = Dst + dst_off + offs_h[:, None] * stride_dst_h + offs_r[None, :]
-        tl.store(dst, o1.to(Dst.dtype.element_ty), mask=mask)
-        tl.store(dst + HALF, o2.to(Dst.dtype.element_ty), mask=mask)
+        tl.store(dst, _to_cache(o1, inv_scale, Dst, FP8_MAX), mask=mask)
+        tl.store(dst + HALF, _to_cache(o2, inv_scale, Dst, FP8_MAX), mask=mask)
 
     @triton.jit
     def _rotary_kernel(Positions, CosSin, Q, QOut, K, V, KCache, VCache, Slots,
                        stride_cs, stride_qt, stride_qh, stride_qot, stride_qoh, stride_kt, stride_kh,
                        stride_vt, stride_vh, stride_kct, stride_kch, stride_vct, stride_vch, n_q_heads, n_k_heads,
-                       HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
-                       BLOCK_HK: tl.constexpr):
+                       k_inv_scale, v_inv_scale, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                       BLOCK_HK: tl.constexpr, FP8_MAX: tl.constexpr):
         """One program per token: rotated q into QOut, rotated k and plain v into the cache row Slots[t]."""
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(Positions + t).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_HALF)
         cos = tl.load(CosSin + pos * stride_cs + offs_r, mask=offs_r < HALF, other=0.0)
         sin = tl.load(CosSin + pos * stride_cs + HALF + offs_r, mask=offs_r < HALF, other=0.0)
-        _rotate_heads(Q, QOut, t * stride_qt, t * stride_qot, stride_qh, stride_qoh, n_q_heads, cos, sin,
-                      HALF, BLOCK_HQ, BLOCK_HALF)
+        _rotate_heads(Q, QOut, t * stride_qt, t * stride_qot, stride_qh, stride_qoh, n_q_heads, cos, sin, 1.0,
+                      HALF, BLOCK_HQ, BLOCK_HALF, 0)
         slot = tl.load(Slots + t).to(tl.int64)
         _rotate_heads(K, KCache, t * stride_kt, slot * stride_kct, stride_kh, stride_kch, n_k_heads,
-                      cos, sin, HALF, BLOCK_HK, BLOCK_HALF)
+                      cos, sin, k_inv_scale, HALF, BLOCK_HK, BLOCK_HALF, FP8_MAX)
         offs_h = tl.arange(0, BLOCK_HK)
         offs_d = tl.arange(0, 2 * BLOCK_HALF)
         mask = (offs_h < n_k_heads)[:, None] & (offs_d < 2 * HALF)[None, :]
         v = tl.load(V + t * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
         tl.store(VCache + slot * stride_vct + offs_h[:, None] * stride_vch + offs_d[None, :],
-                 v.to(VCache.dtype.element_ty), mask=mask)
+                 _to_cache(v, v_inv_scale, VCache, FP8_MAX), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,7 +224,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     return out
 
 
-def _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots) -> None:
+def _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots, k_scale, v_scale) -> None:
     T, HQ, D = q.shape
     HK = k.shape[1]
     assert D % 2 == 0 and cos_sin.shape[-1] == D and k.shape[2] == D and k.shape[0] == T
@@ -216,26 +237,29 @@ def _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots) 
         positions, cos_sin, q, q_out, k, v, k_cache, v_cache, slots, cos_sin.stride(0),
         q.stride(0), q.stride(1), q_out.stride(0), q_out.stride(1), k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), HQ, HK,
-        HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=triton.next_power_of_2(HQ),
-        BLOCK_HK=triton.next_power_of_2(HK), num_warps=4 if triton.next_power_of_2(HQ) * block_half <= 2048 else 8)
+        1.0 / k_scale, 1.0 / v_scale, HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=triton.next_power_of_2(HQ),
+        BLOCK_HK=triton.next_power_of_2(HK), FP8_MAX=_fp8_max(k_cache.dtype),
+        num_warps=4 if triton.next_power_of_2(HQ) * block_half <= 2048 else 8)
 
 
 def rotary_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        slots: torch.Tensor, q_out: torch.Tensor | None = None) -> torch.Tensor:
+                        slots: torch.Tensor, q_out: torch.Tensor | None = None, k_scale: float = 1.0,
+                        v_scale: float = 1.0) -> torch.Tensor:
     """Rotate q into q_out (default: in place) and write rotated k and plain v into k_cache/v_cache
-    [num_slots, KVH, D] at `slots` [T] (cast to the cache dtype), i.e. rotary + KVPool.store in one
-    pass. k itself is left unrotated (the attention kernels read K from the cache only). Returns q_out."""
+    [num_slots, KVH, D] at `slots` [T] (cast to the cache dtype; an FP8 cache gets k / k_scale and
+    v / v_scale, saturated: KVPool.encode), i.e. rotary + KVPool.store in one pass. k itself is left
+    unrotated (the attention kernels read K from the cache only). Returns q_out."""
     q_out = q if q_out is None else q_out
     if not _use_triton(q):
         cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
         q_out.copy_(_rotate_ref(q, cos, sin))
-        k_cache[slots] = _rotate_ref(k, cos, sin).to(k_cache.dtype)
-        v_cache[slots] = v.to(v_cache.dtype)
+        k_cache[slots] = _cache_ref(_rotate_ref(k, cos, sin), k_scale, k_cache.dtype)
+        v_cache[slots] = _cache_ref(v, v_scale, v_cache.dtype)
         return q_out
     assert v.shape == k.shape and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert q_out.shape == q.shape and q_out.stride(-1) == 1
-    _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots)
+    _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots, k_scale, v_scale)
     return q_out
 
 

@@ -5,23 +5,62 @@ import torch
 
 from radixserve.transfer import to_device
 
+# --kv-cache-dtype -> storage dtype (auto: the model's dtype)
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": torch.float8_e4m3fn,
+                                                  "fp8_e5m2": torch.float8_e5m2}
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"--kv-cache-dtype {name!r}: choose one of {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[name] or model_dtype
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+
 
 class KVPool:
     """Per-layer K and V buffers of shape [num_slots, kv_heads_per_rank, head_dim].
 
-    Slot indices are what the attention backends read and write.
+    Slot indices are what the attention backends read and write. In an FP8 pool a stored value is
+    k / k_scale[layer] (saturated to the format's range) and reads multiply back; the scales are the
+    checkpoint's `k_scale` / `v_scale` when it has them, else 1.0 (K and V of common models stay well
+    inside e4m3's +-448). Pages keep their bytes wherever they move (radix cache, retraction, tiers):
+    nothing outside the store and the attention reads knows the format.
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
-        self.num_slots = num_slots
+                 dtype: torch.dtype, device: torch.device | str,
+                 scales: dict[int, tuple[float, float]] | None = None) -> None:
+        self.num_slots, self.dtype = num_slots, dtype
+        scales = scales if is_fp8(dtype) and scales else {}
+        self.k_scale = [float(scales.get(i, (1.0, 1.0))[0]) for i in range(num_layers)]
+        self.v_scale = [float(scales.get(i, (1.0, 1.0))[1]) for i in range(num_layers)]
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.k[layer][slots] = k.to(self.k[layer].dtype)
-        self.v[layer][slots] = v.to(self.v[layer].dtype)
+        self.k[layer][slots] = self.encode(k, self.k_scale[layer])
+        self.v[layer][slots] = self.encode(v, self.v_scale[layer])
+
+    def encode(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """x in the pool's format: a plain cast, or for FP8 divided by the scale and saturated (torch's
+        cast would turn out-of-range values into NaN / inf)."""
+        if not is_fp8(self.dtype):
+            return x.to(self.dtype)
+        m = torch.finfo(self.dtype).max
+        return (x.float() / scale).clamp(-m, m).to(self.dtype)
+
+    def load(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) at `slots` in `dtype`, scales applied: the torch backend's read."""
+        k, v = self.k[layer][slots].to(dtype), self.v[layer][slots].to(dtype)
+        if self.k_scale[layer] != 1.0:
+            k = k * self.k_scale[layer]
+        if self.v_scale[layer] != 1.0:
+            v = v * self.v_scale[layer]
+        return k, v
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

@@ -43,7 +43,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         pool = fb.kv_pool
         q = rotary_and_store_kv(positions, q, k, v, self.rotary.cos_sin, pool.k[self.layer_id], pool.v[self.layer_id],
-                                fb.out_slots, None if rotate_in_place else torch.empty_like(q))
+                                fb.out_slots, None if rotate_in_place else torch.empty_like(q),
+                                pool.k_scale[self.layer_id], pool.v_scale[self.layer_id])
         return fb.attn.forward(q, self, fb).reshape(q.shape[0], -1)
 
 

@@ -30,6 +30,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     moe: MoEConfig | None = None  # mixture-of-experts models only
     hf_config: Any = None
+    quant: Any = None  # layers.quantization.QuantConfig for the decoder's linear layers; None: unquantized
 
     @staticmethod
     def architecture_of(hf: Any) -> str:

@@ -26,8 +26,8 @@ class LlamaAttention(nn.Module):
         super().__init__()
         d = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, d, cfg.num_heads, cfg.num_kv_heads,
-                                          cfg.attention_bias, tp)
-        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, False, tp)
+                                          cfg.attention_bias, tp, cfg.quant)
+        self.o_proj = RowParallelLinear(cfg.num_heads * d, cfg.hidden_size, False, tp, cfg.quant)
         self.q_size, self.kv_size = self.qkv_proj.heads * d, self.qkv_proj.kv_heads * d
         self.q_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(d, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -48,7 +48,7 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer_id, tp, rotary)
         self.mlp = (SparseMoeBlock(cfg.moe, cfg.hidden_size, tp, expert_parallel) if cfg.is_moe_layer(layer_id)
-                    else DenseMLP(cfg.hidden_size, cfg.intermediate_size, tp))
+                    else DenseMLP(cfg.hidden_size, cfg.intermediate_size, tp, cfg.quant))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 

@@ -137,11 +137,21 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
     model.load_weights(dummy_weights(model, seed))
 
 
-def load_weights(model: nn.Module, src: ModelSource, load_format: str, seed: int = 0) -> None:
+def load_weights(model: nn.Module, src: ModelSource, load_format: str, seed: int = 0) -> dict[int, tuple[float, float]]:
+    """Fill the model's parameters, then let quantized layers convert them (layers/quantization). Returns
+    the checkpoint's KV-cache scales, {layer: (k_scale, v_scale)} (empty unless an FP8 checkpoint has them)."""
+    from radixserve.layers.quantization import process_weights_after_loading
+    kv_scales: dict[int, tuple[float, float]] = {}
     if load_format == "dummy" or src.kind == "preset":
         init_dummy_weights(model, seed)
     elif src.kind == "gguf":
         from radixserve.weights.gguf_loader import load_gguf_weights
         model.load_weights(load_gguf_weights(src.path))
     else:
-        model.load_weights(iter_safetensors(src.path))
+        from radixserve.weights.fp8_checkpoint import check_fp8_checkpoint, header_shapes, split_kv_scales
+        quant = getattr(model.cfg, "quant", None)
+        if quant is not None and quant.name == "fp8" and quant.checkpoint is not None:
+            check_fp8_checkpoint(header_shapes(src.path), quant.block)
+        model.load_weights(split_kv_scales(iter_safetensors(src.path), kv_scales))
+    process_weights_after_loading(model)
+    return kv_scales

@@ -1,0 +1,183 @@
+"""FP8 arithmetic: quantize / dequantize in torch (the CPU twins and the references), and the Triton
+W8A16 GEMM that small batches use on the GPU.
+
+Scales follow the checkpoint convention: real value = fp8 value * scale (HF's `weight_scale` and
+`weight_scale_inv` both multiply). A weight's scales are kept as `scale [N, G]`: one per output
+row and per group of `group` input columns, G = ceil(K / group). Per-channel scaling is G = 1
+(group = K); the 128x128 block layout of DeepSeek-V3 / Qwen3-FP8 is expanded at load to one row of
+block scales per output row (group = 128), which costs K/32 bytes per row (3 % of the FP8 weight)
+and lets TP split a projection anywhere, not only at block boundaries.
+
+Why W8A16 for small batches: a decode step reads every weight once and does 2 FLOPs per weight
+byte per token, so at batch <= 64 the matmul is bound by HBM and the win of FP8 is reading half
+the bytes. cuBLASLt's FP8 GEMM is tuned for large shapes (at 1 x 14336 x 4096 on an H200 it moves
+1.4 TB/s against bf16's 3.6); this kernel streams the FP8 tile, upcasts it in registers and runs a
+16-bit tensor-core dot, so the activation never needs quantizing.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).max)
+
+
+def to_fp8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+    """Saturating cast: torch's plain cast turns |x| > 448 into NaN (e4m3fn has no infinity)."""
+    m = fp8_max(dtype)
+    return x.float().clamp(-m, m).to(dtype)
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """One scale per row (per output channel of a weight, per token of an activation): (q, scale [R, 1])."""
+    amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / fp8_max(dtype)
+    return to_fp8(x.float() / scale, dtype), scale
+
+
+def quantize_blocks(w: torch.Tensor, block: tuple[int, int],
+                    dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [N, K] weight in (b0 x b1) blocks, edge blocks partial: (q [N, K], scale [ceil(N/b0), ceil(K/b1)]),
+    the layout of HF's `weight_scale_inv` (what tests and benchmarks write checkpoints with)."""
+    n, k = w.shape
+    b0, b1 = block
+    nb, kb = -(-n // b0), -(-k // b1)
+    padded = w.float().new_zeros(nb * b0, kb * b1)
+    padded[:n, :k] = w.float()
+    tiles = padded.view(nb, b0, kb, b1)
+    scale = tiles.abs().amax(dim=(1, 3)).clamp(min=1e-12) / fp8_max(dtype)
+    q = to_fp8(tiles / scale[:, None, :, None], dtype).view(nb * b0, kb * b1)[:n, :k]
+    return q.contiguous(), scale
+
+
+def expand_group_scale(scale: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, G] group scales -> [N, K] per element (group = ceil(K / G); the last group may be partial)."""
+    g = scale.shape[1]
+    if g == 1:
+        return scale.expand(-1, k)
+    group = -(-k // g)
+    return scale.repeat_interleave(group, dim=1)[:, :k]
+
+
+def dequantize(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """w [N, K] fp8 with scale [N, G] -> [N, K] in `dtype` (math in fp32)."""
+    return (w.float() * expand_group_scale(scale.float(), w.shape[1])).to(dtype)
+
+
+def w8a16_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+              ) -> torch.Tensor:
+    """x [M, K] (16/32-bit) times the dequantized weight: what the Triton kernel computes."""
+    y = x.float() @ dequantize(w, scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def w8a8_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, input_scale: torch.Tensor | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The W8A8 product `torch._scaled_mm` computes: x quantized per token (or with a static scale),
+    both operands exact in fp32 after dequantizing, one scale per weight row (G = 1)."""
+    if input_scale is None:
+        xq, xs = quantize_rows(x.reshape(-1, x.shape[-1]))
+    else:
+        xs = input_scale.float().reshape(1, 1)
+        xq = to_fp8(x.reshape(-1, x.shape[-1]).float() / xs)
+    y = (xq.float() * xs) @ dequantize(w, scale).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton W8A16 GEMM
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _w8a16_kernel(X, W, S, B, Y, M, N, K, G, stride_xm, stride_wn, stride_sn, stride_ym,
+                      GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
+        """One [BLOCK_M, BLOCK_N] output tile, the whole K per program (no split-K: enough N tiles
+        at the decode shapes, and no second pass). Per-channel scales multiply the fp32 accumulator
+        once at the end; group scales multiply the upcast weight tile before the dot."""
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            mask_k = k < K
+            x = tl.load(X + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                        other=0.0)
+            w = tl.load(W + offs_n[:, None] * stride_wn + k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                        other=0.0)
+            if PER_CHANNEL:
+                wt = w.to(X.dtype.element_ty)
+            elif GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale per row
+                s = tl.load(S + offs_n * stride_sn + k0 // GROUP, mask=mask_n, other=0.0)
+                wt = (w.to(tl.float32) * s[:, None]).to(X.dtype.element_ty)
+            else:
+                s = tl.load(S + offs_n[:, None] * stride_sn + (k // GROUP)[None, :],
+                            mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                wt = (w.to(tl.float32) * s).to(X.dtype.element_ty)
+            acc = tl.dot(x, tl.trans(wt), acc, input_precision=DOT_PREC)
+        if PER_CHANNEL:
+            s = tl.load(S + offs_n * stride_sn, mask=mask_n, other=0.0)
+            acc = acc * s[None, :]
+        if HAS_BIAS:
+            acc = acc + tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_n[None, :])
+
+
+def w8a16_config(m: int, n: int, k: int) -> dict:
+    """Tile sizes by shape. Decode (M <= 16): 16-row tiles (tl.dot's minimum), narrow N tiles so even
+    N = 4096 makes 128+ programs to keep every SM streaming, long K tiles so each iteration moves
+    8-16 KB of weight. Larger M: wider tiles, the weight tile reused across more rows."""
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n = 16 if n <= 8192 else 32
+    if m > 32:
+        block_n = 64
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": 256 if m <= 32 else 128,
+            "num_warps": 4, "num_stages": 4}
+
+
+def w8a16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
+               config: dict | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ dequant(w [N, K] fp8, scale [N, G])^T (+ bias), in x's dtype."""
+    M, K = x.shape
+    N, G = w.shape[0], scale.shape[1]
+    assert w.shape[1] == K and scale.shape[0] == N and x.stride(-1) == 1 and w.stride(-1) == 1
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return y
+    cfg = config or w8a16_config(M, N, K)
+    group = -(-K // G)
+    if G > 1 and group % cfg["BLOCK_K"] and group & (group - 1) == 0 and group >= 16:
+        cfg = {**cfg, "BLOCK_K": group}  # a power-of-two group (128): tiles within one group
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
+    _w8a16_kernel[grid](
+        x, w, scale, bias if bias is not None else scale, y, M, N, K, G, x.stride(0), w.stride(0), scale.stride(0),
+        y.stride(0), GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
+__all__ = ["FP8_DTYPES", "HAS_TRITON", "dequantize", "expand_group_scale", "fp8_max", "quantize_blocks",
+           "quantize_rows", "to_fp8", "w8a16_config", "w8a16_gemm", "w8a16_ref", "w8a8_ref"]

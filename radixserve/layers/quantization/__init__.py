@@ -1,0 +1,69 @@
+"""Weight quantization behind one interface (base.LinearMethod) that the linear layers call.
+
+`resolve_quant_config` picks the scheme for a model: the checkpoint's own `quantization_config`
+(pre-quantized models load with no flag) or `--quantization`. A new scheme (int4 AWQ/GPTQ) is one
+module with a QuantConfig subclass, registered in QUANT_CONFIGS.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from radixserve.layers.quantization.base import LinearMethod, QuantConfig
+from radixserve.layers.quantization.fp8 import Fp8Config, fp8_supported
+
+logger = logging.getLogger(__name__)
+
+# --quantization / quant_method name -> config class(checkpoint dict or None, native: bool)
+QUANT_CONFIGS: dict[str, type[QuantConfig]] = {"fp8": Fp8Config}
+QUANTIZATION_CHOICES = sorted(QUANT_CONFIGS)
+
+
+def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
+    q = getattr(hf_config, "quantization_config", None)
+    if q is None:
+        return None
+    return q if isinstance(q, dict) else q.to_dict()
+
+
+def resolve_quant_config(flag: str | None, hf_config: Any, device: torch.device,
+                         use_checkpoint: bool = True) -> QuantConfig | None:
+    """The scheme for this model on this device, or None (unquantized). use_checkpoint False (dummy
+    weights): the checkpoint's own quantization_config is ignored, random weights are 16/32-bit."""
+    ckpt = checkpoint_quant_config(hf_config) if use_checkpoint else None
+    method = ckpt.get("quant_method") if ckpt else None
+    if flag is not None and flag not in QUANT_CONFIGS:
+        raise ValueError(f"--quantization {flag!r}: choose one of {', '.join(QUANTIZATION_CHOICES)}")
+    if method is not None:
+        if method not in QUANT_CONFIGS:
+            raise ValueError(f"checkpoint quantization_config.quant_method {method!r} is not supported; "
+                             f"radixserve loads {', '.join(QUANTIZATION_CHOICES)} checkpoints")
+        if flag is not None and flag != method:
+            raise ValueError(f"--quantization {flag} but the checkpoint is quantized with {method}; drop the flag")
+        native = fp8_supported(device)
+        if not native:
+            logger.warning("this GPU has no FP8 matmul (compute capability < 8.9): the %s checkpoint is "
+                           "dequantized to the model dtype at load (no memory saving)", method)
+        return QUANT_CONFIGS[method](ckpt, native=native)
+    if flag is None:
+        return None
+    if not fp8_supported(device):
+        raise ValueError(f"--quantization {flag} needs FP8 matmul: a GPU of compute capability >= 8.9 (Ada, "
+                         f"Hopper) or --device cpu; drop the flag on this GPU")
+    return QUANT_CONFIGS[flag](None, native=True)
+
+
+@torch.no_grad()
+def process_weights_after_loading(model: nn.Module) -> None:
+    """Let every quantized layer turn its loaded tensors into their runtime form."""
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, LinearMethod):
+            method.process_weights_after_loading(module)
+
+
+__all__ = ["QUANTIZATION_CHOICES", "QUANT_CONFIGS", "LinearMethod", "QuantConfig", "checkpoint_quant_config",
+           "process_weights_after_loading", "resolve_quant_config"]
