@@ -13,6 +13,7 @@ from radixserve.args import ServerArgs
 from radixserve.attention import make_backend
 from radixserve.core import Req
 from radixserve.distributed.group import TPGroup
+from radixserve.engine.auto_memory import activation_peak_bytes, auto_fraction
 from radixserve.engine.compile import compile_decode
 from radixserve.engine.cuda_graph import CudaGraphRunner
 from radixserve.forward_batch import ForwardBatch
@@ -107,7 +108,12 @@ class ModelRunner:
             tokens = a.max_total_tokens
         else:
             used = (total - free) if self.device.type == "cuda" else self.weight_bytes
-            budget = total * a.mem_fraction_static - used
+            fraction = a.mem_fraction_static
+            if a.mem_fraction_auto and self.device.type == "cuda":  # engine/auto_memory.py says how
+                peak = activation_peak_bytes(self.cfg, a.chunked_prefill_size, a.max_running_requests or
+                                             a.cuda_graph_max_bs or 256, self.dtype.itemsize, self.tp.size)
+                fraction = auto_fraction(total, peak)
+            budget = total * fraction - used
             if budget <= 0:
                 raise ValueError(
                     f"--mem-fraction-static {a.mem_fraction_static} too low: weights and other use take "

@@ -1,0 +1,91 @@
+"""`--schedule-conservativeness auto`: the tuning guide's two conservativeness rules as a feedback loop.
+
+The guide tells an operator to read the decode log lines and turn the flag by hand: token usage below 0.9
+while requests wait means the server reserves too much KV for running requests' future tokens (lower
+it, e.g. to 0.3); retractions more often than about once a minute mean it reserves too little (raise it,
+e.g. to 1.3). This controller reads the same numbers once per decode log interval and makes the same
+moves in steps, within bounds:
+
+  * two or more retractions in the last minute -> raise by x1.3, and do not go below the new value for
+    COOLDOWN_S (so that it settles instead of oscillating around the value that retracted);
+  * no retraction in the last minute, mean token usage < 0.9 and requests waiting on most steps ->
+    lower by x0.7;
+  * otherwise (one retraction a minute is acceptable, or no queue to admit from) -> keep.
+
+The scheduler turns the value into its new_token_ratio exactly as it does for a fixed flag. The clock
+is a parameter so that tests can drive it."""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger("radixserve.scheduler")  # with the other scheduler lines
+
+START = 1.0  # the guide's advice: start from the defaults and move from the metrics
+BOUNDS = (0.1, 2.0)
+LOWER, RAISE = 0.7, 1.3
+TARGET_USAGE = 0.9  # "token usage: target > 0.9"
+RETRACTION_WINDOW_S = 60.0  # "occasional retractions (~1 time per minute) are acceptable"
+ACCEPTABLE_RETRACTIONS = 1  # per window
+QUEUED_SHARE = 0.5  # "#queue-req > 0 frequently": on at least half the steps of a window
+COOLDOWN_S = 300.0
+
+
+@dataclass
+class Change:
+    old: float
+    new: float
+    reason: str
+
+    def __str__(self) -> str:
+        return f"schedule_conservativeness auto: {self.old:.2f} -> {self.new:.2f} ({self.reason})"
+
+
+class AutoConservativeness:
+    def __init__(self, window_steps: int, start: float = START, bounds: tuple[float, float] = BOUNDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.value, self.bounds, self.window, self.clock = start, bounds, max(window_steps, 1), clock
+        self.retractions: deque[float] = deque()
+        self.floor, self.floor_until = bounds[0], 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.steps, self.usage_sum, self.queued_steps = 0, 0.0, 0
+
+    def on_retract(self) -> None:
+        self.retractions.append(self.clock())
+
+    def on_decode(self, usage: float, queued: int) -> Change | None:
+        """Record one decode step; at the end of each window return the change it makes, if any."""
+        self.steps += 1
+        self.usage_sum += usage
+        self.queued_steps += queued > 0
+        if self.steps < self.window:
+            return None
+        now = self.clock()
+        while self.retractions and now - self.retractions[0] > RETRACTION_WINDOW_S:
+            self.retractions.popleft()
+        recent, usage_mean, queued_share = len(self.retractions), self.usage_sum / self.steps, \
+            self.queued_steps / self.steps
+        self._reset()
+        lo, hi = self.bounds
+        if recent > ACCEPTABLE_RETRACTIONS:
+            new = min(self.value * RAISE, hi)
+            self.floor, self.floor_until = new, now + COOLDOWN_S
+            reason = f"{recent} retractions in the last {RETRACTION_WINDOW_S:.0f} s"
+        elif recent == 0 and usage_mean < TARGET_USAGE and queued_share >= QUEUED_SHARE:
+            floor = self.floor if now < self.floor_until else lo
+            new = max(self.value * LOWER, floor, lo)
+            reason = (f"token usage {usage_mean:.2f} < {TARGET_USAGE} with requests queued on "
+                      f"{queued_share:.0%} of {self.window} decode steps, no retraction in the last "
+                      f"{RETRACTION_WINDOW_S:.0f} s")
+        else:
+            return None
+        if abs(new - self.value) < 1e-9:
+            return None
+        change, self.value = Change(self.value, new, reason), new
+        logger.info(str(change))
+        return change

@@ -1,0 +1,95 @@
+"""--schedule-conservativeness auto: the controller's rules with a driven clock, and the target on CPU with a
+small pool: on requests that stop early at EOS (max_new_tokens 512, answers of a few dozen tokens), `auto`
+reaches a higher token usage than the default 1.0 with at most about one retraction per minute, and the
+outputs stay those of the fixed setting (greedy; retraction and admission order do not change tokens)."""
+from __future__ import annotations
+
+import pytest
+
+from radixserve.args import ServerArgs, parse_args
+from radixserve.bench.conservativeness import run, workload
+from radixserve.engine_unit import Engine
+from radixserve.scheduler.conservativeness import BOUNDS, COOLDOWN_S, AutoConservativeness
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def window(c: AutoConservativeness, usage: float, queued: int, clock: Clock, seconds: float = 5.0):
+    """One decode-log window of steps spread over `seconds`; returns the change at its end (or None)."""
+    change = None
+    for _ in range(c.window):
+        clock.t += seconds / c.window
+        change = c.on_decode(usage, queued) or change
+    return change
+
+
+def test_lowers_while_usage_low_with_a_queue_and_stops_at_the_bound():
+    clock = Clock()
+    c = AutoConservativeness(10, clock=clock)
+    values = []
+    for _ in range(12):
+        window(c, 0.4, 5, clock)
+        values.append(round(c.value, 3))
+    assert values[:3] == [0.7, 0.49, 0.343] and values[-1] == BOUNDS[0]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_keeps_without_a_queue_or_at_target_usage():
+    clock = Clock()
+    c = AutoConservativeness(10, clock=clock)
+    assert window(c, 0.4, 0, clock) is None and window(c, 0.95, 8, clock) is None and c.value == 1.0
+
+
+def test_one_retraction_a_minute_holds_two_raise_and_then_it_settles():
+    clock = Clock()
+    c = AutoConservativeness(10, clock=clock)
+    window(c, 0.4, 5, clock)
+    window(c, 0.4, 5, clock)
+    assert c.value == pytest.approx(0.49)
+    c.on_retract()  # "occasional retractions (~1 time per minute) are acceptable": hold, do not lower
+    assert window(c, 0.4, 5, clock) is None and c.value == pytest.approx(0.49)
+    c.on_retract()
+    change = window(c, 0.99, 5, clock)
+    assert change is not None and change.new == pytest.approx(0.49 * 1.3) and "2 retractions" in change.reason
+    assert str(change).startswith("schedule_conservativeness auto: 0.49 -> 0.64 (")
+    clock.t += 61  # the retractions age out of the minute: lowering resumes, but not below the value that
+    for _ in range(5):  # stopped them, until the cooldown ends
+        window(c, 0.4, 5, clock)
+    assert c.value == pytest.approx(0.637)
+    clock.t += COOLDOWN_S
+    window(c, 0.4, 5, clock)
+    assert c.value < 0.637
+
+
+def test_flag_parses_auto_and_refuses_it_with_tp():
+    assert parse_args(["--schedule-conservativeness", "auto"]).schedule_conservativeness == "auto"
+    with pytest.raises(ValueError, match="auto with --tp > 1"):
+        ServerArgs(device="cpu", schedule_conservativeness="auto", tp_size=2)
+    with pytest.raises(ValueError, match="> 0 or auto"):
+        ServerArgs(device="cpu", schedule_conservativeness=-1.0)
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    # 3072 KV tokens: a new request must find prompt + max_new_tokens (~550) free to be admitted, running ones
+    # reserve new_token_ratio x their remaining max_new_tokens; the decode log window is 10 steps
+    return Engine(ServerArgs(device="cpu", max_total_tokens=3072, decode_log_interval=10, seed=0))
+
+
+def test_auto_beats_default_on_early_stopping_requests(engine):
+    reqs = workload(engine, 32, 512)
+    fixed = run(engine, 1.0, reqs)
+    auto = run(engine, "auto", reqs)
+    assert fixed.stopped_early == auto.stopped_early == len(reqs)  # all answers end at EOS, far below 512
+    assert auto.changes and auto.final_conservativeness < 1.0
+    assert auto.token_usage_queued_mean > fixed.token_usage_queued_mean + 0.05, (auto, fixed)
+    assert auto.running_mean > fixed.running_mean
+    minutes = max(auto.seconds / 60, 1.0)
+    assert auto.retraction_events <= minutes + 1  # "about one per minute"
+    assert auto.outputs == fixed.outputs
