@@ -108,8 +108,6 @@ class ServerArgs:
             self.attention_backend = "triton" if self.device == "cuda" else "torch"
         if self.mem_fraction_static == "auto":  # a default until the runner measures (auto_memory.py)
             self.mem_fraction_static, self.mem_fraction_auto = None, True
-        if self.mem_fraction_static == "auto":  # a default until the runner measures (auto_memory.py)
-            self.mem_fraction_static, self.mem_fraction_auto = None, True
         if self.mem_fraction_static is None:
             self.mem_fraction_static = 0.88 if self.device == "cuda" else 0.05
         if self.chunked_prefill_size is None:
@@ -123,9 +121,6 @@ class ServerArgs:
                              f"({self.page_size}): a chunk ends on a page boundary")
         if not 0 < self.mem_fraction_static < 1:
             raise ValueError(f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static}")
-        if self.schedule_conservativeness != "auto" and not (isinstance(self.schedule_conservativeness, (int, float))
-                                                             and self.schedule_conservativeness > 0):
-            raise ValueError(f"--schedule-conservativeness must be > 0 or auto, got {self.schedule_conservativeness!r}")
         if self.schedule_conservativeness != "auto" and not (isinstance(self.schedule_conservativeness, (int, float))
                                                              and self.schedule_conservativeness > 0):
             raise ValueError(f"--schedule-conservativeness must be > 0 or auto, got {self.schedule_conservativeness!r}")
@@ -251,9 +246,6 @@ class ServerArgs:
             # each rank would run its own clock-driven controller; ranks must schedule in lock-step
             "--schedule-conservativeness auto with --tp > 1": self.schedule_conservativeness == "auto"
             and self.tp_size > 1,
-            # each rank would run its own clock-driven controller; ranks must schedule in lock-step
-            "--schedule-conservativeness auto with --tp > 1": self.schedule_conservativeness == "auto"
-            and self.tp_size > 1,
         }
         bad = [name for name, used in unsupported.items() if used]
         if bad:
@@ -286,11 +278,6 @@ GRAMMAR_BACKENDS = ("llguidance", "none")
 TOOL_CALL_PARSERS = ("llama3", "qwen25", "hermes", "mistral", "pythonic")
 REASONING_PARSERS = ("qwen3", "deepseek-r1")
 MODEL_SOURCES = ("huggingface", "modelscope")
-
-
-def float_or_auto(value: str) -> float | str:
-    """argparse type of the flags that take a number or `auto`."""
-    return "auto" if value == "auto" else float(value)
 
 
 def float_or_auto(value: str) -> float | str:

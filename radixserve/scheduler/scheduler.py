@@ -26,7 +26,6 @@ from radixserve.server.grammar.masks import GrammarMasks
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.scheduler.conservativeness import AutoConservativeness
 from radixserve.scheduler.cache_factory import make_cache
-from radixserve.scheduler.conservativeness import AutoConservativeness
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
@@ -176,16 +175,6 @@ class Scheduler:
         if old:
             self.new_token_ratio = min(max(self.new_token_ratio * value / old, self.min_ratio), 1.0)
 
-    def set_conservativeness(self, value: float) -> None:
-        """Derive the new_token_ratio schedule (start, floor, decay) from the conservativeness; a ratio
-        already decayed is rescaled, so a change acts at once."""
-        old, self.conservativeness = self.conservativeness, value
-        self.init_ratio = min(INIT_NEW_TOKEN_RATIO * value, 1.0)
-        self.min_ratio = min(self.init_ratio * MIN_NEW_TOKEN_RATIO_FACTOR, 1.0)
-        self.ratio_decay = (self.init_ratio - self.min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
-        if old:
-            self.new_token_ratio = min(max(self.new_token_ratio * value / old, self.min_ratio), 1.0)
-
     # ---- one scheduling step ------------------------------------------------------------------
     def step(self) -> list[Req]:
         """Run one forward pass. Returns the requests that produced a token or finished.
@@ -227,9 +216,6 @@ class Scheduler:
             for req in batch:
                 req.kv_len += 1
             self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=self.runner.used_graph)
-            auto = self.auto_conservativeness
-            if auto is not None and auto.on_decode(self.stats.token_usage(self.used_tokens), len(self.waiting)):
-                self.set_conservativeness(auto.value)
             auto = self.auto_conservativeness
             if auto is not None and auto.on_decode(self.stats.token_usage(self.used_tokens), len(self.waiting)):
                 self.set_conservativeness(auto.value)
@@ -419,8 +405,6 @@ class Scheduler:
         self.new_token_ratio = min(1.0, (total_decoded + RETRACT_DECODE_STEPS * len(self.running))
                                    / (total_max_new + 1))
         self.stats.log_retract(len(retracted), old, self.new_token_ratio)
-        if self.auto_conservativeness is not None:
-            self.auto_conservativeness.on_retract()
         if self.auto_conservativeness is not None:
             self.auto_conservativeness.on_retract()
 
