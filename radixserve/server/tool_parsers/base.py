@@ -108,6 +108,11 @@ class ToolParser(ABC):
                 f"{listing}\n\nTo call a function, reply with nothing but {self.example()}")
 
     @abstractmethod
+    def render(self, calls: list[ToolCall]) -> str:
+        """Calls written in this format: how an assistant turn with tool_calls is shown to a template
+        that has no tools section."""
+
+    @abstractmethod
     def example(self) -> str:
         """How one call is written, for the instructions."""
 

@@ -9,6 +9,7 @@ from typing import Any
 from radixserve.server.tool_parsers.base import (
     COMPACT,
     PartialCall,
+    ToolCall,
     ToolParser,
     call_schema,
     json_value_end,
@@ -22,6 +23,10 @@ class HermesParser(ToolParser):
     """Qwen 2.5 / Qwen 3 / Hermes: each call is <tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>."""
     name, start = "hermes", "<tool_call>"
     open_tag, close_tag = "<tool_call>", "</tool_call>"
+
+    def render(self, calls: list[ToolCall]) -> str:
+        return "\n".join(f'<tool_call>\n{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}\n</tool_call>'
+                         for c in calls)
 
     def example(self) -> str:
         return ('<tool_call>\n{"name": "<function name>", "arguments": <arguments as a JSON object>}\n</tool_call>'
@@ -46,6 +51,9 @@ class Llama3Parser(ToolParser):
     """Llama 3.1+ JSON tool calls: {"name": ..., "parameters": {...}}, optionally after <|python_tag|>,
     several separated by ';'. Without the tag, only output that starts with '{' is read as a call."""
     name, start = "llama3", "<|python_tag|>"
+
+    def render(self, calls: list[ToolCall]) -> str:
+        return "; ".join(f'{{"name": {json.dumps(c.name)}, "parameters": {c.arguments}}}' for c in calls)
 
     def example(self) -> str:
         return '{"name": "<function name>", "parameters": <arguments as a JSON object>}'
@@ -82,6 +90,10 @@ class MistralParser(ToolParser):
     requests with tools keep special tokens in the text)."""
     name, start = "mistral", "[TOOL_CALLS]"
 
+    def render(self, calls: list[ToolCall]) -> str:
+        items = ", ".join(f'{{"name": {json.dumps(c.name)}, "arguments": {c.arguments}}}' for c in calls)
+        return f"[TOOL_CALLS] [{items}]"
+
     def example(self) -> str:
         return '[TOOL_CALLS] [{"name": "<function name>", "arguments": <arguments as a JSON object>}]'
 
@@ -117,6 +129,12 @@ class PythonicParser(ToolParser):
     """Llama 3.2 / 4 pythonic calls: [get_weather(city="Paris"), add(a=1, b=2)]. JSON literals true,
     false and null are read as Python's True, False and None."""
     name, start = "pythonic", "["
+
+    def render(self, calls: list[ToolCall]) -> str:
+        def call(c: ToolCall) -> str:
+            args = json.loads(c.arguments or "{}")
+            return f"{c.name}(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in args.items()) + ")"
+        return "[" + ", ".join(call(c) for c in calls) + "]"
 
     def example(self) -> str:
         return '[function_name(argument_name=value, ...)] (a Python list of calls, values as JSON)'
