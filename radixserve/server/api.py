@@ -168,6 +168,10 @@ def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> 
     async def models() -> Response:
         return json_response(openai_api.models())
 
+    @app.get("/v1/models/{model_id:path}")  # :path: hub ids have a slash (meta-llama/Llama-3.1-8B)
+    async def model(model_id: str) -> Response:
+        return json_response(openai_api.model_card(model_id))
+
     @app.post("/generate", responses={**JSON_OR_SSE, **GENERATION_ERRORS})
     async def generate(body: GenerateRequest, request: Request) -> Response:
         return await native.generate(body, request)

@@ -16,6 +16,7 @@ from radixserve.args import ServerArgs
 from radixserve.core import SamplingParams
 from radixserve.server.base import ApiBase, Choice, chain, json_response, sse, version
 from radixserve.server.protocol import GenerateRequest, stop_list
+from radixserve.server.structured import Structured, log_request
 from radixserve.server.tokenizer_manager import RequestError, TokenizerManager
 
 HEALTH_TIMEOUT_S = 20.0
@@ -27,6 +28,7 @@ class NativeApi(ApiBase):
         the scheduler there)."""
         super().__init__(tm, args)
         self.pids = pids
+        self.structured = Structured(args, self.tokenizer, self.info["vocab_size"])
 
     # ---- /generate (SGLang native) ----
     async def generate(self, body: GenerateRequest, request: Request) -> Response:
@@ -45,17 +47,21 @@ class NativeApi(ApiBase):
                                code="invalid_value")
         self.check_prompt_len(prompts, "text" if body.text is not None else "input_ids")
         sp, n = body.sampling_params, body.sampling_params.n
-        fields = {f: getattr(sp, f) for f in sp.model_fields if f not in ("n", "stop", "stop_token_ids")}
+        fields = {f: getattr(sp, f) for f in sp.model_fields
+                  if f not in ("n", "stop", "stop_token_ids", "regex", "ebnf", "json_schema", "logit_bias")}
+        grammar, bias = self.structured.request_grammar(sp), self.structured.logit_bias(sp.logit_bias)
 
         def make(i: int) -> SamplingParams:
             return SamplingParams(**{**fields, "seed": None if sp.seed is None else sp.seed + i % n},
                                   stop=stop_list(sp.stop), stop_token_ids=sp.stop_token_ids or [],
-                                  logprobs=body.return_logprob,
+                                  logprobs=body.return_logprob, grammar=grammar, logit_bias=bias,
                                   top_logprobs=body.top_logprobs_num if body.return_logprob else 0)
 
         params = self.params(make, n * len(prompts), {})
         flat = [p for p in prompts for _ in range(n)]
         rid, start = body.rid or uuid.uuid4().hex, time.perf_counter()
+        if self.args.log_requests:
+            log_request("generate", rid, flat, params)
         res = await self.submit(rid, flat, params, body.stream, request, "text",
                                 bootstraps=self.pd_bootstraps(body, len(flat)))
         rids = [rid] if len(flat) == 1 else [f"{rid}-{i}" for i in range(len(flat))]

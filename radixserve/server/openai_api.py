@@ -11,13 +11,26 @@ from fastapi import Request
 from fastapi.responses import Response
 from jinja2 import TemplateError
 
+from radixserve.args import ServerArgs
+from radixserve.core import SamplingParams
 from radixserve.server.base import ApiBase, chain, json_response, sse, usage
 from radixserve.server.messages import StrOut
-from radixserve.server.protocol import ChatCompletionRequest, CompletionRequest
-from radixserve.server.tokenizer_manager import RequestError
+from radixserve.server.protocol import ChatCompletionRequest, CompletionRequest, unserved_field
+from radixserve.server.structured import ChoiceStream, Structured, finish_reason, log_request
+from radixserve.server.tokenizer_manager import RequestError, TokenizerManager
 
 
 class OpenAIApi(ApiBase):
+    def __init__(self, tm: TokenizerManager, args: ServerArgs) -> None:
+        super().__init__(tm, args)
+        self.structured = Structured(args, self.tokenizer, self.info["vocab_size"])
+
+    def check_unserved(self, body: Any) -> None:
+        bad = unserved_field(body)
+        if bad is not None:
+            raise RequestError(f"'{bad[0]}' is not supported by radixserve: {bad[1]}.", param=bad[0],
+                               code="unsupported_parameter")
+
     # ---- logprobs ----
     def chat_logprobs(self, ids: list[int], lps: list[float], tops: list[list[tuple[int, float]]]) -> dict:
         def entry(t: int, lp: float) -> dict:
@@ -40,15 +53,18 @@ class OpenAIApi(ApiBase):
     # ---- /v1/chat/completions ----
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
+        self.check_unserved(body)
         self.check_gateway_fields(body)
         cont = body.continue_final_message  # extend the last assistant message: no new generation prompt
         if body.top_logprobs and not body.logprobs:
             raise RequestError("top_logprobs requires logprobs=true", param="top_logprobs")
         try:
-            msgs = [msg.as_dict() for msg in body.messages]
+            plan = self.structured.chat_plan(body)  # tools, grammar, logit_bias: 400s before the template runs
+            msgs = plan.messages
             out = await self.off_loop(sum(len(str(m_.get("content") or "")) for m_ in msgs),
                                       lambda: self.tokenizer.apply_chat_template(
                                           msgs, add_generation_prompt=not cont, continue_final_message=cont,
+                                          **plan.template_kwargs,
                                           tokenize=True))
         except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. roles out of order
             raise RequestError(f"the chat template rejected the messages: {e}", param="messages") from None
@@ -56,29 +72,35 @@ class OpenAIApi(ApiBase):
         self.check_prompt_len([ids], "messages")
         max_new = body.max_completion_tokens or body.max_tokens or self.default_max_tokens(len(ids))
         top = body.top_logprobs or 0
-        params = self.params(lambda i: body.sampling_params(max_new, body.logprobs, top, i), body.n,
+        params = self.params(lambda i: plan.constrain(body.sampling_params(max_new, body.logprobs, top, i)), body.n,
                              {"max_new_tokens": "max_tokens"})
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if self.args.log_requests:
+            log_request("chat", rid, [ids], params)
         res = await self.submit(rid, [ids] * body.n, params, body.stream, request, "messages",
                                 bootstraps=self.pd_bootstraps(body, body.n))
         head = {"id": rid, "created": created, "model": self.model_name}
         if not body.stream:
-            choices = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                        "logprobs": self.chat_logprobs(c.ids, c.logprobs, c.top_logprobs) if body.logprobs
-                        else None, "finish_reason": c.finish_reason, "matched_stop": c.matched}
-                       for i, c in enumerate(res)]
+            choices = []
+            for i, c in enumerate(res):
+                message, called = plan.message(c.text)
+                choices.append({"index": i, "message": message, "logprobs": self.chat_logprobs(
+                    c.ids, c.logprobs, c.top_logprobs) if body.logprobs else None,
+                    "finish_reason": finish_reason(c.finish_reason, called), "matched_stop": c.matched})
             total = usage(len(ids), sum(len(c.ids) for c in res), res[0].cached_tokens)
             return json_response({**head, "object": "chat.completion", "choices": choices, "usage": total})
         gen, first = res
         head["object"] = "chat.completion.chunk"
         extra = {"usage": None} if body.include_usage else {}
+        streams = [ChoiceStream(plan) for _ in range(body.n)]  # reasoning and tool calls read from the deltas
 
         def chunk(i: int, delta: dict, o: StrOut | None = None) -> bytes:
             lp = None
             if o is not None and body.logprobs:
                 lp = self.chat_logprobs(o.new_ids, o.logprobs or [], o.top_logprobs or [])
+            reason = finish_reason(o.finish_reason, streams[i].called) if o else None
             return sse({**head, "choices": [{"index": i, "delta": delta, "logprobs": lp,
-                                             "finish_reason": o.finish_reason if o else None}], **extra})
+                                             "finish_reason": reason}], **extra})
 
         async def events() -> AsyncIterator[bytes]:
             for i in range(body.n):
@@ -86,7 +108,13 @@ class OpenAIApi(ApiBase):
             completion, cached = 0, 0
             async for i, o in chain(first, gen):
                 if o.text or o.new_ids or o.finish_reason:  # one chunk per output: per token by default
-                    yield chunk(i, {"content": o.text} if o.text or o.new_ids else {}, o)
+                    deltas = streams[i].feed(o.text, o.finish_reason is not None)
+                    if not deltas and streams[i].parsing and not (o.finish_reason or body.logprobs):
+                        continue  # text held back by a parser (a tool call may be opening): nothing to send
+                    deltas = deltas or [{"content": ""} if o.new_ids and not o.finish_reason else {}]
+                    for d in deltas[:-1]:
+                        yield chunk(i, d)
+                    yield chunk(i, deltas[-1], o)  # logprobs and finish_reason on the output's last chunk
                 if o.finish_reason:
                     completion += o.completion_tokens
                     cached = o.cached_tokens if i == 0 else cached
@@ -111,6 +139,9 @@ class OpenAIApi(ApiBase):
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
+        self.check_unserved(body)
+        grammar = self.structured.request_grammar(body)
+        bias = self.structured.logit_bias(body.logit_bias)
         self.check_gateway_fields(body)
         if body.best_of is not None and body.best_of != body.n:
             raise RequestError("best_of other than n is not supported", param="best_of",
@@ -122,11 +153,14 @@ class OpenAIApi(ApiBase):
         self.check_prompt_len(prompts, "prompt")
         n, want_lp = body.n, body.logprobs is not None
         top = body.logprobs or 0
-        params = self.params(lambda i: body.sampling_params(body.max_tokens, want_lp, top, i % n),
+        params = self.params(lambda i: constrained(body.sampling_params(body.max_tokens, want_lp, top, i % n),
+                                                   grammar, bias),
                              n * len(prompts), {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"})
         flat = [p for p in prompts for _ in range(n)]
         echo = [self.tokenizer.decode(p) if body.echo else "" for p in flat]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if self.args.log_requests:
+            log_request("completion", rid, prompts, params)
         res = await self.submit(rid, flat, params, body.stream, request, "prompt",
                                 bootstraps=self.pd_bootstraps(body, len(flat)))
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
@@ -165,6 +199,17 @@ class OpenAIApi(ApiBase):
         return self.stream(events())
 
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "radixserve",
-             "root": self.info["model_path"], "max_model_len": self.info["context_len"]}]}
+        return {"object": "list", "data": [self.model_card()]}
+
+    def model_card(self, model_id: str | None = None) -> dict[str, Any]:
+        """GET /v1/models/{id}: the served model under any name it answers to, else a 404."""
+        if model_id is not None:
+            self.check_model(model_id)
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "radixserve",
+                "root": self.info["model_path"], "max_model_len": self.info["context_len"]}
+
+
+def constrained(sp: SamplingParams, grammar: tuple[str, str] | None, bias: dict[int, float] | None
+                ) -> SamplingParams:
+    sp.grammar, sp.logit_bias = grammar, bias
+    return sp
