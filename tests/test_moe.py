@@ -179,3 +179,25 @@ def test_expert_and_tensor_parallel_layers_sum_to_whole() -> None:
     assert halves[1].w13.shape == (E, inter, H)
     assert torch.equal(halves[1].w13[2, inter // 2:], full[(2, "up")][inter // 2:])
     torch.testing.assert_close(sum(r(x, w, ids) for r in halves), whole(x, w, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_roofline_counts_active_experts() -> None:
+    """bench.one_batch / offline count the routed experts a token uses: FLOPs from the active parameters (the
+    config's own count), batch-1 decode bytes from the k experts of each sparse layer, all experts at large
+    batches."""
+    from types import SimpleNamespace
+
+    from radixserve.bench.roofline import model_costs, step_weight_bytes
+    from radixserve.distributed.group import TPGroup
+    from radixserve.kvcache.pool import KVPool
+    from radixserve.models.llama import LlamaForCausalLM
+    cfg = ModelConfig.from_hf(transformers.Qwen2MoeConfig(**{**COMMON, **MOE_CASES["qwen2_moe"][1]}))
+    model = LlamaForCausalLM(cfg, TPGroup())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    pool = KVPool(cfg.num_layers, 8, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+    cost = model_costs(SimpleNamespace(runner=SimpleNamespace(model=model, kv_pool=pool, weight_bytes=nbytes, cfg=cfg)))
+    emb = cfg.vocab_size * cfg.hidden_size
+    assert cost["body_params"] == cfg.num_params(active=True) - 2 * emb
+    assert step_weight_bytes(cost, 1) == pytest.approx(4 * (cfg.num_params(active=True) - emb))
+    assert step_weight_bytes(cost, 10_000) == pytest.approx(4 * (cfg.num_params() - emb))
+    assert cost["moe_layers"] == 1 and cost["top_k"] == 3

@@ -14,6 +14,7 @@ every output reaches its length):
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
 import json
 import logging
@@ -26,7 +27,14 @@ from datetime import datetime, timezone
 import torch
 
 from radixserve.args import ServerArgs, make_parser
-from radixserve.bench.roofline import device_name, git_commit, limits, model_costs, prefill_attention_flops
+from radixserve.bench.roofline import (
+    device_name,
+    git_commit,
+    limits,
+    model_costs,
+    prefill_attention_flops,
+    step_weight_bytes,
+)
 from radixserve.core import Req, SamplingParams
 from radixserve.distributed.bootstrap import run_spmd
 from radixserve.distributed.group import TPGroup
@@ -83,16 +91,21 @@ def workload_bound(work: list[tuple[list[int], int]], cost: dict[str, int], copy
     Prefill must run every prompt token through the matmuls (a prefix shared by several prompts once: the radix
     cache's best case) plus causal attention; logits (the LM head) are needed once per request. That logit gives
     the first output token, so decode is max(output) - 1 sequential steps, each reading every weight but the
-    embedding table (only gathered) once, however large the batch; and step t of a request with an I-token
-    prompt reads I + t KV tokens, whatever the batching. Copy bandwidth counts bytes moved, as in one_batch."""
+    embedding table (only gathered) once, however large the batch (MoE: the experts that step's batch touches,
+    the batch being every request still decoding, as if all ran at once); and step t of a request with an
+    I-token prompt reads I + t KV tokens, whatever the batching. Copy bandwidth counts bytes moved, as in
+    one_batch."""
     prompts = sorted(p for p, _ in work)
     spans = [(_common_prefix(a, b), len(b)) for a, b in zip([[]] + prompts, prompts)]
     flops = (2 * cost["body_params"] * sum(e - s for s, e in spans) + 2 * cost["head_params"] * len(work)
              + prefill_attention_flops(cost["num_layers"], cost["num_heads"], cost["head_dim"], spans))
     kv_reads = sum((o - 1) * len(p) + (o - 1) * o // 2 for p, o in work)
     steps = max((o for _, o in work), default=1) - 1
+    outs = sorted(o for _, o in work)
+    weight_reads = (steps * cost["weight_bytes_read"] if not cost.get("moe_layers") else
+                    sum(step_weight_bytes(cost, len(outs) - bisect.bisect_right(outs, t)) for t in range(1, steps + 1)))
     prefill_s = flops / (matmul_TFLOPs * 1e12)
-    decode_s = (steps * cost["weight_bytes_read"] + kv_reads * cost["kv_bytes_per_token"]) / (copy_GBps * 1e9)
+    decode_s = (weight_reads + kv_reads * cost["kv_bytes_per_token"]) / (copy_GBps * 1e9)
     return {"prefill_flops": flops, "decode_steps": steps, "kv_token_reads": kv_reads, "prefill_bound_s": prefill_s,
             "decode_bound_s": decode_s, "bound_s": prefill_s + decode_s}
 

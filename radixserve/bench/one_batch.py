@@ -18,7 +18,7 @@ import time
 import torch
 
 from radixserve.args import ServerArgs, make_parser
-from radixserve.bench.roofline import limits, model_costs, prefill_attention_flops, record
+from radixserve.bench.roofline import limits, model_costs, prefill_attention_flops, record, step_weight_bytes
 from radixserve.core import Req, SamplingParams
 from radixserve.distributed.bootstrap import run_spmd
 from radixserve.distributed.group import TPGroup
@@ -88,12 +88,15 @@ def bench_rank(args: ServerArgs, tp: TPGroup, bench: dict) -> dict:
     fig = {"model": engine.src.name, "dtype": str(engine.runner.dtype), "tp_size": tp, "batch_size": bs,
            "input_len": il, "output_len": ol, **r,
            "prefill_tok_per_s": bs * il / r["prefill_latency_s"], "decode_tok_per_s": bs / r["itl_s"],
-           "weight_bytes_read_per_rank": cost["weight_bytes_read"]}
+           "weight_bytes_read_per_rank": cost["weight_bytes_read"], "quantization": args.quantization,
+           "kv_cache_dtype": str(engine.runner.kv_pool.k[0].dtype),
+           "max_total_num_tokens": engine.runner.memory.max_total_num_tokens}
     if not bench.get("no_roofline"):
         lim = limits(args.device)
-        # bytes a decode step must move: every weight but the (gathered) embedding table once + the KV read at
-        # the mean context length
-        step_bytes = cost["weight_bytes_read"] + cost["kv_bytes_per_token"] * bs * (il + ol / 2)
+        # bytes a decode step must move: every weight but the (gathered) embedding table once (MoE: only the
+        # experts the batch routes to) + the KV read at the mean context length
+        fig["weight_bytes_read_per_step"] = step_weight_bytes(cost, bs)
+        step_bytes = fig["weight_bytes_read_per_step"] + cost["kv_bytes_per_token"] * bs * (il + ol / 2)
         ideal_itl = step_bytes / (lim["copy_bandwidth_GBps"] * 1e9)
         tflops = prefill_flops / r["prefill_latency_s"] / 1e12
         fig.update(lim, ideal_itl_s=ideal_itl, decode_roofline_fraction=ideal_itl / r["itl_s"],

@@ -83,16 +83,42 @@ def prefill_attention_flops(num_layers: int, num_heads: int, head_dim: int,
 
 def model_costs(engine) -> dict[str, int]:
     """This rank's sizes for the rooflines of bench.one_batch and bench.offline, read from the loaded
-    model and KV pool (engine: radixserve.engine_unit.Engine)."""
+    model and KV pool (engine: radixserve.engine_unit.Engine).
+
+    body_params are the matmul parameters one token goes through: for an MoE model only its top-k routed
+    experts of each sparse layer (on this rank: its share of them under --ep-size), so FLOPs = 2 x body_params
+    per token. weight_bytes_read counts every weight; what a decode step reads is step_weight_bytes."""
     m, pool = engine.runner.model, engine.runner.kv_pool
     emb, head, attn = m.model.embed_tokens.weight, m.lm_head.weight, m.model.layers[0].self_attn.attn
     gathered = 0 if emb is head else emb.numel()  # an untied embedding table is only gathered, never multiplied
     k = pool.k[0]  # [slots, kv heads of this rank, head_dim]
-    return {"body_params": sum(p.numel() for p in m.parameters()) - gathered - head.numel(),
+    cost = {"body_params": sum(p.numel() for p in m.parameters()) - gathered - head.numel(),
             "head_params": head.numel(),
             "weight_bytes_read": engine.runner.weight_bytes - gathered * emb.element_size(),
             "kv_bytes_per_token": KVPool.bytes_per_token(len(pool.k), k.shape[1], k.shape[2], k.dtype),
             "num_layers": len(pool.k), "num_heads": attn.num_heads, "head_dim": attn.head_dim}
+    experts = [layer.mlp.experts for layer in m.model.layers if hasattr(layer.mlp, "experts")]
+    if experts:
+        f, moe = experts[0], engine.runner.cfg.moe
+        per_expert = f.w13[0].numel() + f.w2[0].numel()
+        # a token's k experts: all on this rank, or (experts split whole over ranks) this rank's share of them
+        active = len(experts) * moe.top_k * per_expert * f.local_experts // moe.num_experts
+        cost.update(body_params=cost["body_params"] - len(experts) * f.local_experts * per_expert + active,
+                    moe_layers=len(experts), num_experts=moe.num_experts, local_experts=f.local_experts,
+                    top_k=moe.top_k, bytes_per_expert=per_expert * f.w13.element_size(),
+                    expert_bytes=len(experts) * f.local_experts * per_expert * f.w13.element_size())
+    return cost
+
+
+def step_weight_bytes(cost: dict, batch: int) -> float:
+    """Weight bytes one decode step of `batch` tokens must read. Dense: every weight. MoE: everything but the
+    routed experts, plus the experts the batch touches, expected under uniform routing (a token picks k of E
+    distinct experts: an expert escapes all `batch` tokens with probability (1 - k/E)^batch); at batch 1 that
+    is exactly k experts per sparse layer."""
+    if not cost.get("moe_layers"):
+        return cost["weight_bytes_read"]
+    touched = cost["local_experts"] * (1 - (1 - cost["top_k"] / cost["num_experts"]) ** batch)
+    return cost["weight_bytes_read"] - cost["expert_bytes"] + cost["moe_layers"] * touched * cost["bytes_per_expert"]
 
 
 def limits(device: str) -> dict:

@@ -80,7 +80,9 @@ class ModelConfig:
         """Parameter count (embedding counted once more when untied): for roofline maths. active: only the
         experts one token uses (top-k of each sparse layer, plus the shared expert and its gate)."""
         h, d = self.hidden_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2) + 2 * h
+        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2) + 2 * h  # + the two norms
+        attn += (self.num_heads + 2 * self.num_kv_heads) * d if self.attention_bias else 0
+        attn += 2 * d if self.qk_norm else 0
         total = 0
         for n in range(self.num_layers):
             if self.is_moe_layer(n):
