@@ -1,0 +1,152 @@
+"""FP8 kernels vs their torch references (GPU; the same checks run on CPU under the Triton interpreter in
+tests/test_fp8_kernels_interpret.py, on small shapes).
+
+    w8a16_gemm           vs kernels.fp8.w8a16_ref (fp32 on the upcast inputs): ||out - ref|| / ||ref||
+                         < 1e-2 for bf16 activations (bf16 output rounding; group scales also round the
+                         dequantized tile to bf16), < 1e-5 for fp32. Output poisoned with NaN first.
+    FP8 KV attention     decode/extend kernels reading an e4m3 / e5m2 pool with k/v scales vs the fp32
+                         torch backend on the dequantized pool: the bf16 tolerance of test_kernels.py
+                         (fp8 values are exact in bf16; the scales are applied in fp32).
+    rotary + FP8 store   the Triton store vs the torch twin (KVPool.encode semantics): stored values equal
+                         up to one FP8 rounding step (x * (1/s) vs x / s may round apart at a tie).
+    W8A8 (_scaled_mm)    the engine's large-batch path vs kernels.fp8.w8a8_ref: < 2e-2 relative.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from radixserve.kernels import fp8 as F8
+
+
+def check_w8a16(device: str, m: int, n: int, k: int, group: bool, dtype: torch.dtype, seed: int = 0) -> float:
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(m, k, generator=g, device=device).to(dtype)
+    w = torch.randn(n, k, generator=g, device=device)
+    if group:
+        q, s = F8.quantize_blocks(w, (128, 128))
+        s = s.repeat_interleave(128, 0)[:n].contiguous()
+    else:
+        q, s = F8.quantize_rows(w)
+    bias = torch.randn(n, generator=g, device=device).to(dtype)
+    ref = F8.w8a16_ref(x.float(), q, s, bias.float())
+    out = F8.w8a16_gemm(x, q, s, bias)
+    assert not torch.isnan(out).any()
+    err = ((out.float() - ref).norm() / ref.norm()).item()
+    assert err < (1e-5 if dtype == torch.float32 else 1e-2), f"w8a16 {m}x{n}x{k} group={group} {dtype}: {err:.3g}"
+    return err
+
+
+def fp8_pool_case(case, fp8_dtype: torch.dtype, k_scale: float, v_scale: float):
+    """Turn a test_kernels Case's pool into FP8 (stored = value / scale); returns the dequantized fp32 pool
+    buffers the reference attends over."""
+    pool = case.fb.kv_pool
+    k8 = F8.to_fp8(pool.k[0].float() / k_scale, fp8_dtype)
+    v8 = F8.to_fp8(pool.v[0].float() / v_scale, fp8_dtype)
+    pool.k, pool.v = [k8], [v8]
+    pool.k_scale, pool.v_scale, pool.dtype = [k_scale], [v_scale], fp8_dtype
+    return k8.float() * k_scale, v8.float() * v_scale
+
+
+def check_fp8_attention(device: str, decode: bool, fp8_dtype: torch.dtype, seed: int = 0) -> float:
+    from test_kernels import assert_close, make_case
+
+    from radixserve.attention.torch_backend import TorchAttentionBackend
+    from radixserve.forward_batch import ForwardBatch
+    from radixserve.kernels.attention import decode_attention, extend_attention
+    from radixserve.kvcache.pool import KVPool
+    pre, ext = ([0, 69, 130], [1, 1, 1]) if decode else ([0, 37, 5], [5, 20, 70])
+    case = make_case(pre, ext, 8, 2, 64, torch.bfloat16, device, seed=seed)
+    ks, vs = 0.37, 1.9
+    kd, vd = fp8_pool_case(case, fp8_dtype, ks, vs)
+    fb, q, layer = case.fb, case.q, case.layer
+    pool32 = KVPool(1, 1, 1, 1, torch.float32, "cpu")
+    pool32.k, pool32.v = [kd], [vd]
+    fb32 = ForwardBatch(**{**fb.__dict__, "kv_pool": pool32, "attn_meta": None})
+    be = TorchAttentionBackend()
+    be.init_forward_metadata(fb32)
+    ref = be.forward(q.float(), layer, fb32)
+    pool = fb.kv_pool
+    if decode:
+        out = decode_attention(q, pool.k[0], pool.v[0], fb.req_to_token, fb.req_rows, fb.seq_lens, layer.scale,
+                               k_scale=ks, v_scale=vs)
+    else:
+        out = extend_attention(q, pool.k[0], pool.v[0], fb.req_to_token, fb.req_rows, fb.prefix_lens,
+                               fb.extend_lens, layer.scale, k_scale=ks, v_scale=vs)
+    # the torch backend reading the FP8 pool itself (KVPool.load applies the scales) agrees too
+    be2 = TorchAttentionBackend()
+    be2.init_forward_metadata(fb)
+    assert_close(be2.forward(q.float(), layer, fb), ref, torch.float32, "torch backend on fp8 pool")
+    return assert_close(out, ref, torch.bfloat16, f"fp8 kv {'decode' if decode else 'extend'} {fp8_dtype}")
+
+
+def check_fp8_rotary_store(device: str, fp8_dtype: torch.dtype, seed: int = 0) -> None:
+    from test_kernels import rope_cache
+
+    from radixserve.kernels import fused
+    g = torch.Generator(device=device).manual_seed(seed)
+    T, H, KVH, D = 7, 4, 2, 64
+    cs = rope_cache(64, D).to(device)
+    pos = torch.randint(0, 64, (T,), generator=g, device=device)
+    qkv = 3 * torch.randn(T, (H + 2 * KVH) * D, generator=g, device=device).to(torch.bfloat16)
+    q, k, v = (t.reshape(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], dim=-1))
+    slots = torch.randperm(T + 3, generator=g, device=device)[:T]
+    outs = []
+    for use_triton in (True, False):
+        kc = torch.zeros(T + 3, KVH, D, dtype=fp8_dtype, device=device)
+        vc = torch.zeros_like(kc)
+        qo = torch.empty_like(q)
+        if use_triton:
+            fused.rotary_and_store_kv(pos, q, k.contiguous(), v.contiguous(), cs, kc, vc, slots, qo, 0.5, 2.0)
+        else:
+            cos, sin = cs[pos].unsqueeze(1).chunk(2, dim=-1)
+            qo.copy_(fused._rotate_ref(q, cos, sin))
+            kc[slots] = fused._cache_ref(fused._rotate_ref(k, cos, sin), 0.5, fp8_dtype)
+            vc[slots] = fused._cache_ref(v, 2.0, fp8_dtype)
+        outs.append((qo.float(), kc[slots].float(), vc[slots].float()))
+    (q1, k1, v1), (q2, k2, v2) = outs
+    torch.testing.assert_close(q1, q2, atol=2e-2, rtol=2e-2)
+    step = 0.25 if fp8_dtype == torch.float8_e5m2 else 0.125  # one rounding step, relative
+    for a, b in ((k1, k2), (v1, v2)):
+        assert ((a - b).abs() <= step * b.abs() + 1e-3).all(), "fp8 store differs by more than one rounding step"
+    assert torch.isfinite(k1).all() and torch.isfinite(v1).all()  # saturated, never NaN / inf
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU tests
+
+needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                   reason="needs a CUDA GPU with FP8 (sm_89+)")
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 64, 200])
+@pytest.mark.parametrize("nk", [(6144, 4096), (4096, 14336), (28672, 4096), (200, 320)])
+@pytest.mark.parametrize("group", [False, True])
+def test_w8a16_gpu(m, nk, group):
+    check_w8a16("cuda", m, *nk, group, torch.bfloat16, seed=m)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("decode", [True, False])
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_kv_attention_gpu(decode, fp8_dtype):
+    check_fp8_attention("cuda", decode, fp8_dtype)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_rotary_store_gpu(fp8_dtype):
+    check_fp8_rotary_store("cuda", fp8_dtype)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("m", [128, 1000])
+def test_scaled_mm_w8a8_gpu(m):
+    from radixserve.layers.quantization.fp8 import _scaled_mm_w8a8
+    g = torch.Generator(device="cuda").manual_seed(m)
+    x = torch.randn(m, 4096, generator=g, device="cuda").to(torch.bfloat16)
+    q, s = F8.quantize_rows(torch.randn(1024, 4096, generator=g, device="cuda"))
+    out = _scaled_mm_w8a8(x, q, s, None, None)
+    ref = F8.w8a8_ref(x.float(), q, s)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
