@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -16,6 +17,7 @@ from radixserve.distributed.group import TPGroup
 from radixserve.engine.auto_memory import activation_peak_bytes, auto_fraction
 from radixserve.engine.compile import compile_decode
 from radixserve.engine.cuda_graph import CudaGraphRunner
+from radixserve.engine.piecewise import PiecewiseRunner, padding_batch
 from radixserve.forward_batch import ForwardBatch
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool, is_fp8, kv_cache_dtype
 from radixserve.layers.attention import FORWARD_CONTEXT
@@ -98,6 +100,11 @@ class ModelRunner:
                 raise ValueError("CUDA graphs need --attention-backend triton; or pass --disable-cuda-graph")
             max_bs = min(args.cuda_graph_max_bs or 256, self.max_running_requests)
             self.graphs = CudaGraphRunner(self, max_bs)
+        self.piecewise = None  # --enable-piecewise-cuda-graph: extend batches in graphs cut at attention
+        if args.enable_piecewise_cuda_graph:
+            self.piecewise = PiecewiseRunner(self.model, self.attn_layers, self.device,
+                                             min(args.piecewise_cuda_graph_max_tokens, self.context_len),
+                                             partial(padding_batch, self) if use_graphs else None)
 
     def _plan_memory(self) -> MemoryPlan:
         a, ps = self.args, self.args.page_size
@@ -133,10 +140,12 @@ class ModelRunner:
         return MemoryPlan((num_pages - 1) * ps, num_pages, left / GB)
 
     @torch.inference_mode()
-    def forward(self, reqs: list[Req], is_decode: bool) -> torch.Tensor:
+    def forward(self, reqs: list[Req], is_decode: bool, decode_tail: int = 0) -> torch.Tensor:
         """Run one step for `reqs`: each computes `req.extend_len` tokens starting at `req.kv_len`,
-        whose slots the scheduler already wrote into req_to_token. Returns logits [B, vocab]."""
-        fb = self.prepare(reqs, is_decode)
+        whose slots the scheduler already wrote into req_to_token. Returns logits [B, vocab].
+        `decode_tail`: the last that many requests of an extend batch are decode steps (a mixed batch),
+        whose input token is still on the device (last_token) under overlap scheduling."""
+        fb = self.prepare(reqs, is_decode, decode_tail)
         self.used_graph = bool(is_decode and self.graphs is not None and self.graphs.can_run(len(reqs)))
         if self.used_graph:
             return self.graphs.replay(fb)
@@ -149,9 +158,13 @@ class ModelRunner:
         if self.compiled_decode is not None and fb.is_decode and fb.batch_size <= self.args.torch_compile_max_bs:
             with FORWARD_CONTEXT.bind(fb, self.attn_layers):
                 return self.compiled_decode(fb.input_ids, fb.positions)
+        if self.piecewise is not None and not fb.is_decode and self.piecewise.can_run(fb.input_ids.numel()):
+            with FORWARD_CONTEXT.bind(fb, self.attn_layers):
+                hidden = self.piecewise.run(fb)
+            return self.model.logits(hidden[fb.logits_idx])
         return self.model(fb)
 
-    def prepare(self, reqs: list[Req], is_decode: bool) -> ForwardBatch:
+    def prepare(self, reqs: list[Req], is_decode: bool, decode_tail: int = 0) -> ForwardBatch:
         """The batch's index tensors, packed into one CPU buffer and sent to the device in one copy: each
         to_device costs a pinned staging buffer and a launch, which at a ~3 ms decode step add up per
         tensor. Every part starts 16-byte aligned (an even int64 offset), as a tensor of its own would:
@@ -168,7 +181,8 @@ class ModelRunner:
                 logits_idx=torch.arange(n, device=dev), max_seq_len=max(kv_lens) + 1, max_extend_len=1,
                 kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)
         prefix, extend = int64_tensor(kv_lens), int64_tensor([r.extend_len for r in reqs])
-        ids = int64_tensor([t for r in reqs for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]])
+        head = reqs[:n - decode_tail]
+        ids = int64_tensor([t for r in head for t in r.fill_ids[r.kv_len:r.kv_len + r.extend_len]] + [0] * decode_tail)
         req_idx = torch.repeat_interleave(torch.arange(n), extend)
         positions = torch.arange(int(extend.sum())) - (torch.cumsum(extend, 0) - extend)[req_idx] + prefix[req_idx]
         rows_t = int64_tensor(rows)
@@ -178,6 +192,8 @@ class ModelRunner:
         packed = to_device(torch.cat([t for p in parts for t in (p, pad[:p.numel() % 2])]), dev)
         positions_d, token_rows_d, ids_d, rows_d, seq_d, prefix_d, extend_d, logits_idx_d = (
             chunk[:p.numel()] for chunk, p in zip(packed.split([p.numel() + p.numel() % 2 for p in parts]), parts))
+        if decode_tail:  # one token each, at the end of the batch: the previous step's samples
+            ids_d[-decode_tail:] = self.last_token[rows_d[-decode_tail:]]
         return ForwardBatch(
             is_decode=False, input_ids=ids_d, positions=positions_d,
             out_slots=self.req_to_token_pool.req_to_token[token_rows_d, positions_d], req_rows=rows_d,

@@ -75,7 +75,13 @@ def attention_op(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     ctx = FORWARD_CONTEXT
     if ctx.batch is None:
         raise RuntimeError("radixserve::attention called outside ForwardContext.bind()")
-    return ctx.layers[layer_id].attend(positions, q, k, v, ctx.batch, rotate_in_place=False)
+    n = ctx.batch.positions.numel()
+    if n == q.shape[0]:
+        return ctx.layers[layer_id].attend(positions, q, k, v, ctx.batch, rotate_in_place=False)
+    # piecewise CUDA graphs (engine/piecewise.py) pad the tokens to a captured size: attend over the
+    # batch's own tokens and pad the output back; the padding rows are never read
+    out = ctx.layers[layer_id].attend(positions[:n], q[:n], k[:n], v[:n], ctx.batch, rotate_in_place=False)
+    return torch.nn.functional.pad(out, (0, 0, 0, q.shape[0] - n))
 
 
 @attention_op.register_fake

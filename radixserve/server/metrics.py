@@ -11,6 +11,7 @@ A private CollectorRegistry keeps two servers in one process (tests) from collid
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,8 +20,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from radixserve import request_timing as rt
 from radixserve.server.messages import StrOut
 
+logger = logging.getLogger(__name__)
 PREFIX = "radixserve:"
 # (metric, key in the scheduler snapshot, help). Counters get `_total` appended by the exposition format.
 GAUGES = [("num_running_reqs", "num_running_reqs", "Requests running (decoding or prefilling)."),
@@ -40,6 +43,9 @@ ITL_BUCKETS = [0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035
                0.4, 0.6, 0.8, 1, 2, 4, 6, 8]
 E2E_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 150, 200, 250, 300, 350, 500,
                1000]
+# One hop is tens of microseconds to a long queue wait.
+HOP_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.25, 0.5, 1, 2.5,
+               5, 10, 30]
 
 
 class _SchedulerCollector(Collector):
@@ -59,7 +65,7 @@ class _SchedulerCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, hop_stats: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.scheduler = _SchedulerCollector(model_name)
         self.registry.register(self.scheduler)
@@ -72,6 +78,14 @@ class Metrics:
                              buckets=ITL_BUCKETS, **kw).labels(model_name)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "End-to-end request latency.",
                              buckets=E2E_BUCKETS, **kw).labels(model_name)
+        # --enable-request-time-stats-logging: the first token's time per hop (request_timing.py), and each
+        # later output's delivery (scheduler send -> SSE write)
+        self.hops = None
+        if hop_stats:
+            hist = Histogram(PREFIX + "request_hop_seconds", "Time a request spends in each hop of the pipeline "
+                             "(first token; token_delivery: every later output).", buckets=HOP_BUCKETS,
+                             labelnames=["model_name", "hop"], registry=self.registry)
+            self.hops = {h: hist.labels(model_name, h) for h in rt.HOP_NAMES}
 
     def render(self, snapshot: dict[str, Any]) -> bytes:
         self.scheduler.snapshot = snapshot
@@ -92,6 +106,8 @@ class RequestTimer:
         self.m, self.start = metrics, time.perf_counter()
         self.last: list[float | None] = [None] * n
         self.tokens = [0] * n
+        self.http_recv = rt.HTTP_RECEIVED.get()
+        self.written = [False] * n
 
     def on_output(self, i: int, out: StrOut) -> None:
         now, last = time.perf_counter(), self.last[i]
@@ -106,3 +122,20 @@ class RequestTimer:
         if out.finish_reason is not None:
             self.m.e2e.observe(now - self.start)
             self.m.num_requests.inc()
+
+    def on_written(self, i: int, out: StrOut) -> None:
+        """Called once the output's chunk has been handed to the HTTP server: the last hop's end."""
+        hops = self.m.hops
+        if hops is None or out.hops is None:
+            return
+        now = time.perf_counter()
+        if self.written[i]:
+            hops[rt.TOKEN_DELIVERY].observe(max(now - out.hops[0], 0.0))
+            return
+        self.written[i] = True
+        split = rt.first_token_hops(self.http_recv, self.start, out.hops, now)
+        for name, secs in split or []:
+            hops[name].observe(secs)
+        if split and logger.isEnabledFor(logging.DEBUG):
+            logger.debug("Request time stats. rid: %s, %s", out.rid,
+                         ", ".join(f"{name}: {1000 * secs:.2f} ms" for name, secs in split))
