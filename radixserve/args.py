@@ -188,6 +188,9 @@ class ServerArgs:
             return
         if self.cache == "naive":
             raise ValueError("--enable-hierarchical-cache extends the radix cache: drop --disable-radix-cache")
+        if backend is not None and self.tp_size > 1:  # file reads finish at different times on each rank
+            raise ValueError("--hicache-storage-backend with --tp > 1 is not supported yet (TP ranks must admit "
+                             "the same requests, and file prefetches finish at different times): drop one of them")
         if self.hicache_size < 0 or (not self.hicache_size and self.hicache_ratio <= 1):
             raise ValueError(f"--hicache-ratio {self.hicache_ratio}: the host pool must be larger than the device "
                              f"pool (ratio > 1), or give --hicache-size GB")
@@ -238,6 +241,11 @@ class ServerArgs:
         if self.piecewise_cuda_graph_max_tokens < 1:
             raise ValueError(f"--piecewise-cuda-graph-max-tokens must be >= 1, got "
                              f"{self.piecewise_cuda_graph_max_tokens}")
+
+    def loggable(self) -> str:
+        """`ServerArgs(field=value, ...)` for SGLang's `server_args=` start-up log line, the API key masked."""
+        fields = {**dataclasses.asdict(self), "api_key": "***" if self.api_key else None}
+        return "ServerArgs(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
     def check_supported(self) -> None:
         unsupported = {

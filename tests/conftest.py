@@ -115,7 +115,8 @@ def start_server(*flags: str) -> Server:
     """Start `python -m radixserve` without waiting for it (several can load at once)."""
     port = free_port()
     fd, log_path = tempfile.mkstemp(prefix=f"radixserve-{port}-", suffix=".log")
-    cmd = [sys.executable, "-m", "radixserve", "--port", str(port), "--max-total-tokens", "16384", *flags]
+    cmd = [sys.executable, "-m", "radixserve", "--port", str(port), "--max-total-tokens", "16384",
+           "--shutdown-grace-period", "5", *flags]
     with os.fdopen(fd, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, stdin=subprocess.DEVNULL)
     return Server(proc, port, log_path)

@@ -407,21 +407,22 @@ def test_api_key(extra_servers: dict[str, Server]) -> None:
     assert request(url, "GET", "/get_server_info", headers=auth)[0] == 200
 
 
-def test_sigterm_stops_every_child(extra_servers: dict[str, Server]) -> None:
-    """SIGTERM with a stream open: the stream ends, the server exits 0 within seconds, no child is left."""
+def test_sigint_stops_every_child(extra_servers: dict[str, Server]) -> None:
+    """SIGINT (Ctrl-C) with a stream open: the stream ends as aborted at once, the server exits 0 within
+    seconds, no child is left. (SIGTERM drains first: test_hardening.py.)"""
     server = extra_servers["secured"]
     conn, events = open_stream(server.base_url, CMPL_URL, LONG, {"Authorization": f"Bearer {API_KEY}"})
     t, rest = drain_in_thread(events)
     children = descendants(server.proc.pid)
     assert len(children) >= 2  # scheduler and detokenizer (and multiprocessing's resource tracker)
     start = time.monotonic()
-    assert server.stop(signal.SIGTERM) == 0  # stop() also waits until every child is gone
+    assert server.stop(signal.SIGINT) == 0  # stop() also waits until every child is gone
     assert time.monotonic() - start < 10
     t.join(10)
     conn.close()
     assert not t.is_alive() and rest[-1]["choices"][0]["finish_reason"] == "abort"
     assert server.children == children
-    assert "Received SIGTERM; shutting down" in server.log()
+    assert "Received SIGINT; shutting down" in server.log()
 
 
 def test_dead_scheduler_stops_server_with_clear_error(extra_servers: dict[str, Server]) -> None:

@@ -29,6 +29,7 @@ from radixserve.weights.loader import ModelSource, load_config, load_weights
 
 logger = logging.getLogger(__name__)
 GB = 1 << 30
+CPU_DEFAULT_REQUESTS = 8  # requests of full context the default CPU KV pool holds
 
 
 @dataclass
@@ -46,6 +47,20 @@ def device_memory(device: torch.device) -> tuple[int, int]:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), total
 
 
+def context_length(args: ServerArgs, cfg: ModelConfig) -> int:
+    """--context-length, which may not exceed what the model was trained for unless asked explicitly."""
+    limit = cfg.max_position_embeddings
+    if args.context_length is None:
+        return limit
+    if args.context_length < 1:
+        raise ValueError(f"--context-length must be >= 1, got {args.context_length}")
+    if args.context_length > limit and not args.allow_overwrite_longer_context_len:
+        raise ValueError(f"--context-length {args.context_length} is above the model's maximum "
+                         f"(max_position_embeddings = {limit}); lower it, or pass "
+                         f"--allow-overwrite-longer-context-len to accept possibly degraded output past it")
+    return args.context_length
+
+
 class ModelRunner:
     def __init__(self, args: ServerArgs, src: ModelSource, tp: TPGroup = TPGroup(),
                  model_config: ModelConfig | None = None) -> None:
@@ -56,7 +71,7 @@ class ModelRunner:
         self.cfg.quant = resolve_quant_config(args.quantization, self.cfg.hf_config, self.device,
                                               use_checkpoint=args.load_format != "dummy")
         self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, self.dtype)
-        self.context_len = args.context_length or self.cfg.max_position_embeddings
+        self.context_len = context_length(args, self.cfg)
         t0 = time.perf_counter()
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(self.dtype)
@@ -113,6 +128,8 @@ class ModelRunner:
         free, total = device_memory(self.device)
         if a.max_total_tokens:
             tokens = a.max_total_tokens
+        elif self.device.type == "cpu":
+            tokens = self._cpu_pool_tokens(per_token, total)
         else:
             used = (total - free) if self.device.type == "cuda" else self.weight_bytes
             fraction = a.mem_fraction_static
@@ -138,6 +155,21 @@ class ModelRunner:
         num_pages = max(tokens // ps, 2) + 1  # +1: page 0 is the padding page
         left = free - num_pages * ps * per_token if self.device.type == "cuda" else free
         return MemoryPlan((num_pages - 1) * ps, num_pages, left / GB)
+
+    def _cpu_pool_tokens(self, per_token: int, ram: int) -> int:
+        """On CPU the pool is sized from the model, not from a share of RAM: enough for
+        CPU_DEFAULT_REQUESTS requests of the whole context, capped at --mem-fraction-static of RAM (default
+        5 %). A CPU decodes a handful of requests at a useful speed, and a pool sized from RAM alone (7 GB
+        for a 135M model) made two test servers exhaust a laptop."""
+        a = self.args
+        want = (a.max_running_requests or CPU_DEFAULT_REQUESTS) * self.context_len
+        cap = int(ram * a.mem_fraction_static // per_token)
+        tokens = max(min(want, cap), a.page_size * 2)
+        why = (f"{a.max_running_requests or CPU_DEFAULT_REQUESTS} requests x context {self.context_len}"
+               if want <= cap else f"--mem-fraction-static {a.mem_fraction_static} of {ram / GB:.1f} GB RAM")
+        logger.info(f"KV cache on CPU: {tokens} tokens ({tokens * per_token / GB:.2f} GB), sized by {why}; "
+                    f"set --max-total-tokens to change it")
+        return tokens
 
     @torch.inference_mode()
     def forward(self, reqs: list[Req], is_decode: bool, decode_tail: int = 0) -> torch.Tensor:

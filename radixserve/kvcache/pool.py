@@ -38,8 +38,8 @@ class KVPool:
         self.k_scale = [float(scales.get(i, (1.0, 1.0))[0]) for i in range(num_layers)]
         self.v_scale = [float(scales.get(i, (1.0, 1.0))[1]) for i in range(num_layers)]
         shape = (num_slots, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [_buffer(shape, dtype, device) for _ in range(num_layers)]
+        self.v = [_buffer(shape, dtype, device) for _ in range(num_layers)]
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer][slots] = self.encode(k, self.k_scale[layer])
@@ -65,6 +65,17 @@ class KVPool:
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def _buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A KV buffer. On CPU it is left unwritten except slot 0 (the padding slot that padded batch entries
+    read): attention only reads slots a step has written, and zero-filling gigabytes up front costs
+    seconds of start-up and makes the whole pool resident at once instead of as it fills."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    buf = torch.empty(shape, dtype=dtype, device=device)
+    buf[:1].zero_()
+    return buf
 
 
 class ReqToTokenPool:

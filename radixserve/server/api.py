@@ -9,13 +9,16 @@ here or by Scheduler.validate before it is queued.
 from __future__ import annotations
 
 import hmac
+import json
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -88,6 +91,30 @@ class BodyLimitMiddleware:
         await error_response(err)(scope, receive, send)
 
 
+class _FastJsonRequest(Request):
+    """Bodies parsed by msgspec (several times faster than json.loads, which holds the event loop for ~100 ms
+    on a 10 MB body). Input msgspec refuses (NaN, lone surrogates, broken JSON) is parsed again by json.loads,
+    so its error, or the validator's, names what is wrong the way it always did."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            try:
+                self._json = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                self._json = json.loads(body)
+        return self._json
+
+
+class JsonRoute(APIRoute):
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def parse_fast(request: Request) -> Response:
+            return await handler(_FastJsonRequest(request.scope, request.receive))
+        return parse_fast
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -136,6 +163,7 @@ def _openapi(app: FastAPI, api_key: bool) -> Callable[[], dict[str, Any]]:
 def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> FastAPI:
     openai_api, native = OpenAIApi(tm, args), NativeApi(tm, args, pids)
     app = FastAPI(title="radixserve", version=version())
+    app.router.route_class = JsonRoute
     app.openapi = _openapi(app, bool(args.api_key))  # type: ignore[method-assign]
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(args.max_request_body_mb * 1e6))
     if args.api_key:

@@ -146,6 +146,16 @@ async def chain(first: list[tuple[int, StrOut]], gen: Gen) -> Gen:
         yield item
 
 
+CHARS_PER_TOKEN_BOUND = 4  # margin for normalizers that shrink input (NFKC ligatures) before matching
+
+
+def max_token_bytes(tokenizer: Any) -> int:
+    """The most input bytes one token can stand for: the longest vocabulary entry in UTF-8 (an over-estimate
+    for byte-level and SentencePiece vocabularies alike, which keeps the prompt-length bound safe)."""
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    return max((len(t.encode("utf-8", "replace")) for t in vocab), default=64)
+
+
 def version() -> str:
     try:
         return importlib.metadata.version("radixserve")
@@ -167,11 +177,19 @@ class ApiBase:
         self.created = int(time.time())
         self._tok_str: dict[int, str] = {}
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self.max_prompt_chars = self.info["context_len"] * CHARS_PER_TOKEN_BOUND * max_token_bytes(self.tokenizer)
 
-    async def off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` (tokenize, apply a chat template, decode) on a worker thread when its input is
-        large, so one 10 MB prompt never stalls every other request and /health: the Rust tokenizer releases
-        the GIL while it works. Small inputs run inline; the thread hop would cost more than the work."""
+    async def off_loop(self, size: int, fn: Callable[..., T], *args: Any, param: str | None = None) -> T:
+        """Run `fn(*args)` (tokenize, apply a chat template) on a worker thread when its input is large, so one
+        10 MB prompt never stalls every other request and /health: the Rust tokenizer releases the GIL while it
+        works. Small inputs run inline; the thread hop would cost more than the work. With `param`, `size`
+        characters of prompt text that cannot fit the context whatever the tokenizer does (no token covers
+        more than max_token_bytes of input) are refused without tokenizing them at all."""
+        if param is not None and size > self.max_prompt_chars:
+            ctx = self.info["context_len"]
+            raise RequestError(f"This model's maximum context length is {ctx} tokens. However, your prompt has "
+                               f"{size} characters, which is more than {ctx} tokens whatever the text. Please "
+                               f"reduce the prompt.", param=param, code="context_length_exceeded")
         if size < OFF_LOOP_CHARS:
             return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self._worker, lambda: fn(*args))

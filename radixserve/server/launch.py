@@ -11,8 +11,12 @@ process checks --model and binds the HTTP port first, so those mistakes fail in 
 after loading the model, and prints `API server is ready to serve on HOST:PORT` only once the scheduler
 has loaded the model (its memory line comes first) and uvicorn listens.
 
-Shutdown: SIGINT/SIGTERM abort every request (open streams end with finish_reason "abort"), uvicorn
-stops (connections get TIMEOUT_GRACEFUL_S), then every child is killed and reaped. A child that dies
+Shutdown: SIGTERM drains: /health and new requests answer 503 while the requests in flight get
+--shutdown-grace-period seconds to finish; whatever is left then ends with an error (an error event and
+`[DONE]` for a stream, a 503 otherwise). SIGINT (Ctrl-C), or a second signal, stops at once: every request
+is aborted (open streams end with finish_reason "abort"). Then uvicorn stops (connections get
+TIMEOUT_GRACEFUL_S), the output socket's reader is cancelled before any socket closes, and every child is
+killed and reaped. A child that dies
 on its own is seen at once (its process sentinel is an fd on the event loop): the server logs which one,
 fails the pending requests and exits with code 1. Children in turn exit when the main process
 disappears (procs.init_child).
@@ -43,16 +47,19 @@ import uvicorn
 
 from radixserve.args import ServerArgs
 from radixserve.distributed.bootstrap import RankSpec, check_layout, describe, plan_ranks
+from radixserve.engine.model_runner import context_length
 from radixserve.server.api import create_app
 from radixserve.server.detokenizer import run_detokenizer
 from radixserve.server.messages import Addresses
 from radixserve.server.procs import setup_logging
 from radixserve.server.scheduler_process import run_scheduler
 from radixserve.server.tokenizer_manager import TokenizerManager
-from radixserve.weights.loader import load_config, resolve_model
+from radixserve.weights.loader import check_tokenizer, load_config, resolve_hub_model
 
 logger = logging.getLogger("radixserve.server")
 TIMEOUT_GRACEFUL_S = 2
+DRAIN_POLL_S = 0.05
+FLUSH_ERRORS_S = 2.0
 CHILD_JOIN_S = 5.0
 
 
@@ -106,10 +113,14 @@ def launch_server(args: ServerArgs) -> None:
 
 
 def check_model(args: ServerArgs) -> None:
-    """The model exists and, with TP/DP, fits the rank layout (heads, GPUs): seconds, not after a load."""
-    src = resolve_model(args.model)
+    """The model exists, its architecture is supported, its tokenizer is there, --context-length fits it
+    and, with TP/DP, it fits the rank layout (heads, GPUs): seconds, not after a load."""
+    src = resolve_hub_model(args)  # a hub id becomes its local snapshot here, once
+    cfg = load_config(src)
+    check_tokenizer(src, args.tokenizer_path)
+    context_length(args, cfg)
     if args.tp_size > 1 or args.dp_size > 1:
-        check_layout(args, load_config(src))
+        check_layout(args, cfg)
 
 
 def process_name(args: ServerArgs, spec: RankSpec) -> str:
@@ -123,6 +134,7 @@ def scheduler_processes(args: ServerArgs, addrs: Addresses | None, ctx: SpawnCon
     """This node's scheduler ranks, not started."""
     if args.tp_size > 1 or args.dp_size > 1:
         logger.info(describe(args))
+    logger.info(f"server_args={args.loggable()}")  # SGLang's start-up line; the doctor reads it
     specs = plan_ranks(args)
     names = [process_name(args, s) for s in specs]
     return {name: ctx.Process(target=run_scheduler, args=(args, addrs, os.getpid(), s, len(specs)),
@@ -185,6 +197,7 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
     failures: list[str] = []
     tm = TokenizerManager(addrs, args.dp_size, args.load_balance_method)
     server: list[_Server] = []
+    tasks: list[asyncio.Future] = []
 
     def shutdown() -> None:
         """Abort every request first, so open streams end with finish_reason "abort" and [DONE] instead of
@@ -196,7 +209,28 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
             s.force_exit = s.should_exit  # a second Ctrl-C skips the graceful wait
             s.should_exit = True
 
+    async def drain() -> None:
+        """SIGTERM: refuse new work, let what runs finish within the grace period, then end the rest."""
+        tm.draining = True
+        deadline = loop.time() + args.shutdown_grace_period
+        while tm.in_flight and loop.time() < deadline and not stop.is_set():
+            await asyncio.sleep(DRAIN_POLL_S)
+        if tm.in_flight and not stop.is_set():
+            logger.warning(f"{tm.in_flight} requests still running after --shutdown-grace-period "
+                           f"{args.shutdown_grace_period:g} s; ending them with an error")
+            tm.fail_all("the server shut down before this request finished (--shutdown-grace-period "
+                        f"{args.shutdown_grace_period:g} s)", 503, dead=False)
+            flush_by = loop.time() + FLUSH_ERRORS_S  # let the handlers write their error events
+            while tm.in_flight and loop.time() < flush_by:
+                await asyncio.sleep(DRAIN_POLL_S)
+        shutdown()
+
     def on_signal(sig: signal.Signals) -> None:
+        if sig == signal.SIGTERM and not tm.draining and not stop.is_set() and server and server[0].started:
+            logger.info(f"Received SIGTERM; shutting down: draining {tm.in_flight} requests for up to "
+                        f"{args.shutdown_grace_period:g} s, refusing new ones")
+            tasks.append(asyncio.ensure_future(drain()))
+            return
         logger.info(f"Received {sig.name}; shutting down")
         shutdown()
 
@@ -238,8 +272,9 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
         if server[0].started and not stop.is_set():
             logger.info(f"API server is ready to serve on {args.host}:{args.port}")
         await serving
-        recv.cancel()
-        stopped.cancel()
+        for t in (recv, stopped, *tasks):
+            t.cancel()
+        await asyncio.gather(recv, stopped, *tasks, return_exceptions=True)  # before any socket closes
         return 1 if failures else 0
     finally:
         for p in procs.values():

@@ -39,7 +39,8 @@ class NativeApi(ApiBase):
         src = body.text if body.text is not None else body.input_ids
         batch = isinstance(src, list) and (body.text is not None or (bool(src) and isinstance(src[0], list)))
         if body.text is not None:
-            prompts = [await self.off_loop(len(t), self.tokenizer.encode, t) for t in (src if batch else [src])]
+            prompts = [await self.off_loop(len(t), self.tokenizer.encode, t, param="text")
+                       for t in (src if batch else [src])]
         else:
             prompts = [self.check_ids(p, "input_ids") for p in (src if batch else [src])]
         if not prompts or any(not p for p in prompts):
@@ -116,8 +117,10 @@ class NativeApi(ApiBase):
         return Response(status_code=200)
 
     def model_info(self) -> dict:
+        # tokenizer_path: the HF tokenizer directory this server saved (a .gguf model has none of its own), so the
+        # gateway and clients on this host load it in a fraction of a second
         return {"model_path": self.info["model_path"], "tokenizer_path": self.args.tokenizer_path or
-                self.info["model_path"], "served_model_name": self.model_name, "is_generation": True,
+                self.tm.ready.tokenizer_dir, "served_model_name": self.model_name, "is_generation": True,
                 "context_length": self.info["context_len"], "vocab_size": self.info["vocab_size"],
                 "model_type": self.info.get("model_type"), "architectures": self.info.get("architectures")}
 

@@ -65,7 +65,7 @@ class OpenAIApi(ApiBase):
                                       lambda: self.tokenizer.apply_chat_template(
                                           msgs, add_generation_prompt=not cont, continue_final_message=cont,
                                           **plan.template_kwargs,
-                                          tokenize=True))
+                                          tokenize=True), param="messages")
         except (TemplateError, ValueError, TypeError, KeyError) as e:  # e.g. roles out of order
             raise RequestError(f"the chat template rejected the messages: {e}", param="messages") from None
         ids = list(out["input_ids"] if hasattr(out, "keys") else out)
@@ -126,11 +126,11 @@ class OpenAIApi(ApiBase):
     # ---- /v1/completions ----
     async def completion_prompts(self, prompt: Any) -> list[list[int]]:
         if isinstance(prompt, str):
-            prompts = [await self.off_loop(len(prompt), self.tokenizer.encode, prompt)]
+            prompts = [await self.off_loop(len(prompt), self.tokenizer.encode, prompt, param="prompt")]
         elif prompt and all(isinstance(p, int) for p in prompt):
             prompts = [self.check_ids(prompt, "prompt")]
         elif prompt and all(isinstance(p, str) for p in prompt):
-            prompts = [await self.off_loop(len(p), self.tokenizer.encode, p) for p in prompt]
+            prompts = [await self.off_loop(len(p), self.tokenizer.encode, p, param="prompt") for p in prompt]
         else:
             prompts = [self.check_ids(p, "prompt") for p in prompt]
         if not prompts or any(not p for p in prompts):

@@ -29,6 +29,8 @@ TopK = Annotated[int, Field(ge=-1, le=INT32_MAX)]
 def lone_surrogate(value: Any) -> bool:
     """True if a string anywhere in `value` holds a lone UTF-16 surrogate (JSON allows "\\ud800")."""
     if isinstance(value, str):
+        if value.isascii():
+            return False
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
@@ -343,7 +345,6 @@ class GenerateRequest(_Bootstrap):
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
-    logprob_start_len: int = Field(-1, ge=-1, le=INT32_MAX)  # prompt logprobs from this position; -1: none
     rid: str | None = None
     model: str | None = None  # checked like the OpenAI endpoints' (SGLang's gateway always sends it)
     return_text_in_logprobs: bool = False  # token text as the third element of each logprob entry

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +48,8 @@ class ModelSource:
         return os.path.basename(self.path.rstrip("/")).removesuffix(".gguf").removesuffix(".json")
 
 
-def resolve_model(model: str | None) -> ModelSource:
+def resolve_model(model: str | None, revision: str | None = None, source: str = "huggingface") -> ModelSource:
+    """A local path, a preset, or a hub id (org/name, resolved to its local snapshot by hub_snapshot)."""
     if model is None:
         return ModelSource("gguf", bundled_model_path())
     if model.endswith(".gguf") and os.path.isfile(model):
@@ -56,9 +58,55 @@ def resolve_model(model: str | None) -> ModelSource:
         return ModelSource("hf", model)
     if model.lower() in presets():
         return ModelSource("preset", os.path.join(PRESET_DIR, model.lower() + ".json"))
+    if HUB_ID.fullmatch(model) and not os.path.exists(model):
+        return ModelSource("hf", hub_snapshot(model, revision, source))
     raise FileNotFoundError(
-        f"--model {model!r} is neither a local HF directory with config.json, a .gguf file, nor a preset "
-        f"({', '.join(presets())}); radixserve never downloads models")
+        f"--model {model!r} is neither a local HF directory with config.json, a .gguf file, a preset "
+        f"({', '.join(presets())}), nor a hub id (org/name)")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# what serving needs from a hub repository (not other formats' copies of the weights)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+def hub_snapshot(repo_id: str, revision: str | None, source: str) -> str:
+    """The local directory of a hub model: the Hugging Face cache first (no network), else a download with
+    progress bars unless HF_HUB_OFFLINE is set; or ModelScope's snapshot_download with --model-source
+    modelscope."""
+    if source == "modelscope":
+        try:
+            from modelscope import snapshot_download as ms_download
+        except ImportError:
+            raise FileNotFoundError(f"--model-source modelscope needs the modelscope package to fetch {repo_id!r}: "
+                                    f"pip install modelscope (or pass a local directory)") from None
+        return ms_download(repo_id, revision=revision)
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    at = f"{repo_id!r}" + (f" at revision {revision!r}" if revision else "")
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{at} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE "
+                                f"is set: download it first (huggingface-cli download {repo_id}) or unset it")
+    logger.info(f"Downloading {at} from the Hugging Face Hub into {constants.HF_HUB_CACHE}")
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES)
+    except Exception as e:  # no network, unknown repo, gated model: say which and how to go on
+        raise FileNotFoundError(f"could not download {at} from the Hugging Face Hub ({type(e).__name__}: {e}); "
+                                f"pass a local directory, or set HF_TOKEN for a gated model") from None
+
+
+def resolve_hub_model(args: Any) -> ModelSource:
+    """Resolve --model once, in the launcher: a hub id becomes its local snapshot in `args` (so no child
+    process resolves it again) and stays the served model name."""
+    src = resolve_model(args.model, args.revision, args.model_source)
+    if src.kind == "hf" and args.model is not None and os.path.abspath(src.path) != os.path.abspath(args.model):
+        args.served_model_name = args.served_model_name or args.model
+        args.model = src.path
+    return src
 
 
 def load_hf_config(src: ModelSource) -> Any:
@@ -74,13 +122,39 @@ def load_hf_config(src: ModelSource) -> Any:
 
 
 def load_config(src: ModelSource) -> ModelConfig:
-    return ModelConfig.from_hf(load_hf_config(src))
+    """The model's config, refused with the list of what is supported before any field is read (a GPT-2
+    config has no intermediate_size, which would otherwise surface as an AttributeError)."""
+    from radixserve.models.registry import ARCHITECTURES
+    hf = load_hf_config(src)
+    arch = ModelConfig.architecture_of(hf)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{src.path}: architecture {arch} is not supported by radixserve; supported: "
+                         f"{', '.join(sorted(ARCHITECTURES))}")
+    return ModelConfig.from_hf(hf)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def check_tokenizer(src: ModelSource, tokenizer_path: str | None) -> None:
+    """An HF directory without tokenizer files fails here, naming the flag, instead of deep inside
+    transformers."""
+    where = tokenizer_path or (src.path if src.kind == "hf" else None)
+    if where is None:
+        return
+    if not os.path.isdir(where):
+        raise FileNotFoundError(f"--tokenizer-path {where!r} is not a directory")
+    if not any(os.path.isfile(os.path.join(where, f)) for f in TOKENIZER_FILES):
+        flag = "--tokenizer-path" if tokenizer_path else "--model"
+        raise FileNotFoundError(f"{flag} {where!r} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); pass "
+                                f"--tokenizer-path DIR with the model's tokenizer")
 
 
 def load_tokenizer(src: ModelSource, tokenizer_path: str | None = None) -> Any:
     """The model's tokenizer; presets have none, so they borrow the bundled model's (ids stay in range
     for benchmarks that send token ids; text through a preset is only for smoke tests)."""
     from transformers import AutoTokenizer
+    check_tokenizer(src, tokenizer_path)
     if tokenizer_path:
         return AutoTokenizer.from_pretrained(tokenizer_path)
     if src.kind == "preset":
