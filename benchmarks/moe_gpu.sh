@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT=${1:-benchmarks/results}
 mkdir -p "$OUT"
-run() { echo "=== $*"; "$@" 2>&1 | grep -v "it/s\]\|tensor/s\]" | tail -n 30; }
+run() { echo "=== $*"; "$@" 2>&1 | grep -v "it/s\]\|tensor/s\]" | tail -n 45; }
 M="--model qwen3-30b-a3b --load-format dummy --cuda-graph-max-bs 8"
 run python -m pytest -q -x -rA tests/gpu/test_moe_kernel.py -k "qwen3 or graph"
 run python benchmarks/moe_tune.py --budget-s ${TUNE_BUDGET:-75} --output "$OUT/moe_tune_h200.json"

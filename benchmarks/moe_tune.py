@@ -15,6 +15,7 @@ import time
 
 import torch
 import triton
+import triton.runtime.errors
 import triton.testing
 
 from radixserve.bench.roofline import limits, record
@@ -67,7 +68,11 @@ def main() -> None:
         floor = max(nbytes / bw, flops / rate)
         table = next(c for bound, c in MOE_CONFIGS if T <= bound)
         for c in cands + ([table] if table not in cands else []):
-            out = fused_moe_triton(x, w13, w2, w, ids, config=c)
+            try:
+                out = fused_moe_triton(x, w13, w2, w, ids, config=c)
+            except triton.runtime.errors.OutOfResources as e:  # too much shared memory for this GPU
+                print(f"T={T}: skip {c}: {e}")
+                continue
             err = float((out.float() - ref).abs().max() / ref.abs().max()) if ref is not None else float("nan")
             ok = ref is None or err < 2e-2
             fn = lambda c=c, x=x, w=w, ids=ids: fused_moe_triton(x, w13, w2, w, ids, config=c)

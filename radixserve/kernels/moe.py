@@ -86,13 +86,21 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int
 # --------------------------------------------------------------------------------------------------
 # Block configurations: (max tokens, config); the first row whose bound covers T is used.
 # SORTED False: one entry per block (decode). Tuned on an H200 for Qwen3-30B-A3B (E 128, k 8, H 2048,
-# I 768, bf16) with benchmarks/moe_tune.py; other shapes use the same table.
+# I 768, bf16) with benchmarks/moe_tune.py (benchmarks/results/moe_tune_h200.json); other shapes use it too.
+
+def _cfg(sorted_: bool, bm: int, bn: int, bk: int, warps: int, stages: int) -> dict:
+    return dict(SORTED=sorted_, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
 
 MOE_CONFIGS: list[tuple[int, dict]] = [
-    (4, dict(SORTED=False, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
-    (32, dict(SORTED=True, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)),
-    (256, dict(SORTED=True, BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)),
-    (1 << 62, dict(SORTED=True, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)),
+    (1, _cfg(False, 16, 64, 128, 4, 4)),
+    (4, _cfg(False, 16, 32, 128, 4, 4)),
+    (16, _cfg(False, 16, 64, 128, 4, 4)),
+    (32, _cfg(True, 16, 32, 128, 4, 4)),
+    (64, _cfg(True, 16, 64, 128, 4, 4)),
+    (256, _cfg(True, 32, 64, 64, 4, 4)),
+    (1024, _cfg(True, 64, 128, 64, 8, 4)),
+    (1 << 62, _cfg(True, 128, 128, 64, 8, 3)),
 ]
 
 
