@@ -1,5 +1,5 @@
 """--schedule-conservativeness auto: the controller's rules with a driven clock, and the target on CPU with a
-small pool: on requests that stop early at EOS (max_new_tokens 512, answers of a few dozen tokens), `auto`
+small pool: on requests that stop early at EOS (max_new_tokens 256, answers of a few dozen tokens), `auto`
 reaches a higher token usage than the default 1.0 with at most about one retraction per minute, and the
 outputs stay those of the fixed setting (greedy; retraction and admission order do not change tokens)."""
 from __future__ import annotations
@@ -77,13 +77,13 @@ def test_flag_parses_auto_and_refuses_it_with_tp():
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    # 3072 KV tokens: a new request must find prompt + max_new_tokens (~550) free to be admitted, running ones
-    # reserve new_token_ratio x their remaining max_new_tokens; the decode log window is 10 steps
-    return Engine(ServerArgs(device="cpu", max_total_tokens=3072, decode_log_interval=10, seed=0))
+    # 1536 KV tokens: a new request must find prompt + max_new_tokens (~290) free to be admitted, running ones
+    # reserve new_token_ratio x their remaining max_new_tokens; the controller's window is 4 decode steps
+    return Engine(ServerArgs(device="cpu", max_total_tokens=1536, decode_log_interval=4, seed=0))
 
 
 def test_auto_beats_default_on_early_stopping_requests(engine):
-    reqs = workload(engine, 32, 512)
+    reqs = workload(engine, 16, 256)
     fixed = run(engine, 1.0, reqs)
     auto = run(engine, "auto", reqs)
     assert fixed.stopped_early == auto.stopped_early == len(reqs)  # all answers end at EOS, far below 512

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,11 +198,11 @@ def flood(base_url: str, n: int, max_tokens: int) -> None:
 
 @pytest.fixture(scope="module")
 def retracting_server() -> Iterator[Server]:
-    # 700 tokens for 12 requests of ~10 + 96 tokens with conservativeness 0.1: admitted optimistically, they
+    # 320 tokens for 8 requests of ~10 + 48 tokens with conservativeness 0.1: admitted optimistically, they
     # outgrow the pool and are retracted (test_scheduler.py's retraction set-up, over HTTP)
-    with launch_server("--max-total-tokens", "700", "--schedule-conservativeness", "0.1", "--enable-metrics",
+    with launch_server("--max-total-tokens", "320", "--schedule-conservativeness", "0.1", "--enable-metrics",
                        "--decode-log-interval", "5") as s:
-        flood(s.base_url, 12, 96)
+        flood(s.base_url, 8, 48)
         yield s
 
 
@@ -209,7 +210,7 @@ def test_doctor_on_our_server_log(retracting_server: Server, tmp_path: Path):
     log = tmp_path / "server.log"
     log.write_text(retracting_server.log())
     ev = parse_log(log.read_text())
-    assert ev.decode and ev.prefill and ev.retractions and ev.memory["max_total_num_tokens"] == 700
+    assert ev.decode and ev.prefill and ev.retractions and ev.memory["max_total_num_tokens"] == 320
     assert ev.settings.get("device") == "cpu" and ev.settings.get("schedule_conservativeness") == 0.1
     r = doctor(str(log), "--json")
     out = json.loads(r.stdout)
@@ -224,11 +225,11 @@ def test_doctor_on_live_url(retracting_server: Server):
     r = doctor(retracting_server.base_url, "--json", "--duration", "1", "--interval", "0.5")
     out = json.loads(r.stdout)
     assert "schedule_conservativeness" in out["settings_seen"] and "device" in out["settings_seen"]
-    assert out["summary"]["memory"]["max_total_num_tokens"] == 700
+    assert out["summary"]["memory"]["max_total_num_tokens"] == 320
     assert out["summary"]["decode_lines"] == 0  # idle now: an idle server is no load sample
     assert r.returncode == (1 if out["findings"] else 0)
     # under load: samples are taken while requests run
-    t = threading.Thread(target=flood, args=(retracting_server.base_url, 6, 64))
+    t = threading.Thread(target=flood, args=(retracting_server.base_url, 4, 64))
     t.start()
     try:
         r = doctor(retracting_server.base_url, "--json", "--duration", "4", "--interval", "0.5")
@@ -236,4 +237,21 @@ def test_doctor_on_live_url(retracting_server: Server):
         t.join()
     out = json.loads(r.stdout)
     assert out["summary"]["decode_lines"] >= 1, r.stdout
+    assert out["summary"]["mean_queue_time_s"] >= 0  # the scheduler's queue-time histogram, from /metrics
     assert r.returncode == (1 if out["findings"] else 0)
+
+
+def test_metrics_queue_time_histogram_counts_every_request(retracting_server: Server):
+    """Every request is timed once in the queue (a retracted one is not timed again): the histogram's count
+    equals the API server's count of finished requests, and its buckets are cumulative."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with urllib.request.urlopen(retracting_server.base_url + "/metrics", timeout=30) as r:
+        fams = {f.name: f for f in text_string_to_metric_families(r.read().decode())}
+    q = fams["radixserve:queue_time_seconds"]
+    assert q.type == "histogram"
+    count = next(x.value for x in q.samples if x.name.endswith("_count"))
+    buckets = [x.value for x in q.samples if x.name.endswith("_bucket")]
+    finished = next(x.value for x in fams["radixserve:num_requests"].samples if x.name.endswith("_total"))
+    retracted = next(x.value for x in fams["radixserve:num_retractions"].samples)
+    assert count == finished >= 8 and retracted >= 2
+    assert buckets == sorted(buckets) and buckets[-1] == count

@@ -61,13 +61,16 @@ class LiveReader:
         if m is not None and "token_usage" in m:
             return m
         states = self.server_info().get("internal_states") or [{}]
-        s = {k: sum(float(st.get(k, 0) or 0) for st in states) for k in states[0]}
-        s["token_usage"] = max(float(st.get("token_usage", 0) or 0) for st in states)
+        num = lambda v: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0  # noqa: E731
+        s = {k: sum(num(st.get(k)) for st in states) for k in states[0]}
+        s["token_usage"] = max(num(st.get("token_usage")) for st in states)
         return {"num_running_reqs": s.get("num_running_reqs", 0), "num_queue_reqs": s.get("num_queue_reqs", 0),
                 "num_used_tokens": s.get("kv_used_tokens", 0), "token_usage": s["token_usage"],
                 "gen_throughput": s.get("last_gen_throughput", 0), "num_retractions_total": s.get("num_retractions", 0),
                 "prompt_tokens_total": s.get("prompt_tokens_total", 0),
-                "cached_tokens_total": s.get("cached_tokens_total", 0)}
+                "cached_tokens_total": s.get("cached_tokens_total", 0),
+                "queue_time_seconds_sum": s.get("queue_time_seconds_sum", 0),
+                "queue_time_seconds_count": s.get("queue_time_seconds_count", 0)}
 
     def read(self, duration: float, interval: float) -> Evidence:
         info = self.server_info()

@@ -297,6 +297,8 @@ def summary(ev: Evidence) -> dict:
     rate = retraction_rate(ev)
     if rate is not None:
         out["retractions_per_min"] = round(rate, 2)
+    if "mean_queue_time_s" in ev.settings:
+        out["mean_queue_time_s"] = round(ev.settings["mean_queue_time_s"], 4)
     if ev.conservativeness_changes:
         out["conservativeness_changes"] = len(ev.conservativeness_changes)
     return out

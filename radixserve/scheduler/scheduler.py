@@ -126,6 +126,7 @@ class Scheduler:
                 raise ValueError("constrained decoding is off (--grammar-backend none)")
             req.grammar = self.grammar.backend.matcher(*req.sampling_params.grammar)  # GrammarError: a 400
         self.stats.prompt_tokens_total += len(req.origin_input_ids)
+        self.stats.on_enqueue(req)
         if req.sampling_params.max_new_tokens == 0:
             req.finish_reason = FinishReason.LENGTH
             self.early.append(req)
@@ -326,6 +327,7 @@ class Scheduler:
             self.waiting.remove(req)
             batch.append(req)
             rt.stamp(req, rt.ADMITTED)
+            self.stats.on_admit(req)
         self.chunked = self.chunked or adder.chunked
         if batch:
             self.stats.log_prefill(len(batch), sum(r.extend_len for r in batch), cached, self.used_tokens,

@@ -4,11 +4,15 @@ The counters are the single source of the server's token totals: /get_server_inf
 /metrics endpoint (server/metrics.py) both read them through the scheduler's live snapshot."""
 from __future__ import annotations
 
+import bisect
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 
 logger = logging.getLogger("radixserve.scheduler")
+# Upper bounds (seconds) of the queue-time histogram: a few ms in an idle server to minutes in an offline batch
+QUEUE_TIME_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 @dataclass
@@ -26,11 +30,42 @@ class SchedulerStats:
     host_cached_tokens_total: int = 0  # of cached_tokens_total: loaded back from the host tier (HiCache)
     storage_cached_tokens_total: int = 0  # of those: read from the file tier first
     last_gen_throughput: float = 0.0
+    # arrival at the scheduler -> first admission to a prefill batch, for /metrics queue_time_seconds; the
+    # arrival times are keyed weakly by request, so an aborted request leaves nothing behind
+    queue_time_counts: list[int] = field(default_factory=lambda: [0] * len(QUEUE_TIME_BUCKETS))
+    queue_time_count: int = 0
+    queue_time_sum: float = 0.0
+    _enqueued: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary)
     _tokens_since_log: int = 0
     _last_log_time: float = field(default_factory=time.perf_counter)
 
     def token_usage(self, used: int) -> float:
         return used / self.capacity if self.capacity else 0.0
+
+    def on_enqueue(self, req: object) -> None:
+        self._enqueued[req] = time.perf_counter()
+
+    def on_admit(self, req: object) -> None:
+        """First admission only: a retracted request's later waits are not queue time a client saw."""
+        t0 = self._enqueued.pop(req, None)
+        if t0 is None:
+            return
+        wait = time.perf_counter() - t0
+        i = bisect.bisect_left(QUEUE_TIME_BUCKETS, wait)
+        if i < len(QUEUE_TIME_BUCKETS):
+            self.queue_time_counts[i] += 1
+        self.queue_time_count += 1
+        self.queue_time_sum += wait
+
+    def queue_time_snapshot(self) -> dict[str, float]:
+        """Cumulative bucket counts as flat numbers, so that --dp-size replicas' snapshots sum."""
+        out: dict[str, float] = {"queue_time_seconds_sum": self.queue_time_sum,
+                                 "queue_time_seconds_count": self.queue_time_count}
+        total = 0
+        for le, n in zip(QUEUE_TIME_BUCKETS, self.queue_time_counts):
+            total += n
+            out[f"queue_time_le_{le:g}"] = total
+        return out
 
     def record_hit(self, cached: int, queried: int, host: int = 0, storage: int = 0) -> None:
         """Counted once per request, at its first admission: a retracted request re-matching its own KV

@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from radixserve import request_timing as rt
+from radixserve.scheduler.stats import QUEUE_TIME_BUCKETS
 from radixserve.server.messages import StrOut
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,13 @@ class _SchedulerCollector(Collector):
                 fam = cls(PREFIX + name, doc, labels=["model_name"])
                 fam.add_metric([self.model], float(self.snapshot.get(key, 0)))
                 yield fam
+        # the scheduler's queue-time histogram (stats.py): arrival -> first admission to a prefill batch
+        q = HistogramMetricFamily(PREFIX + "queue_time_seconds", "Time requests waited in the scheduler's "
+                                  "queue before their first prefill.", labels=["model_name"])
+        count = float(self.snapshot.get("queue_time_seconds_count", 0))
+        buckets = [(f"{le:g}", float(self.snapshot.get(f"queue_time_le_{le:g}", 0))) for le in QUEUE_TIME_BUCKETS]
+        q.add_metric([self.model], buckets + [("+Inf", count)], float(self.snapshot.get("queue_time_seconds_sum", 0)))
+        yield q
 
 
 class Metrics:
