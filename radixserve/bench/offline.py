@@ -10,6 +10,9 @@ every output reaches its length):
   minisgl        256 requests, input and output lengths uniform in [100, 1024] (Mini-SGLang's bench).
   shared-prefix  8 groups x N/8 requests (default 128): a group's requests share an L-token system prompt
                  and add a 32-token unique suffix; compare with `--cache naive` to see the radix cache.
+  multi-turn     N conversations (default 8) x --num-turns turns: an L-token first context, each turn appends
+                 a --turn-input-len user message and O output tokens; with --enable-hierarchical-cache the
+                 same run also runs without HiCache and compares (bench/multi_turn.py).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from datetime import datetime, timezone
 import torch
 
 from radixserve.args import ServerArgs, make_parser
+from radixserve.bench import multi_turn
 from radixserve.bench.roofline import (
     device_name,
     git_commit,
@@ -41,7 +45,7 @@ from radixserve.distributed.group import TPGroup
 from radixserve.engine_unit import Engine
 
 BENCH_FLAGS = ("workload", "num_prompts", "random_input_len", "random_output_len", "random_range_ratio",
-               "output", "save_output_ids")
+               "output", "save_output_ids", "num_turns", "turn_input_len")
 SHARED_GROUPS, SHARED_SUFFIX = 8, 32
 
 
@@ -49,13 +53,17 @@ def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
     parser = make_parser("python -m radixserve.bench.offline")
     parser.description = "radixserve offline throughput benchmark (server flags + the ones below)."
     g = parser.add_argument_group("benchmark")
-    g.add_argument("--workload", choices=["random", "minisgl", "shared-prefix"], default="random")
+    g.add_argument("--workload", choices=["random", "minisgl", "shared-prefix", "multi-turn"], default="random")
     g.add_argument("--num-prompts", type=int, default=None, help="Requests (default: 32; minisgl 256; "
                    "shared-prefix 128).")
     g.add_argument("--random-input-len", type=int, default=256,
                    help="Prompt length (shared-prefix: the shared prefix's).")
     g.add_argument("--random-output-len", type=int, default=64)
     g.add_argument("--random-range-ratio", type=float, default=1.0, help="Lengths uniform in [len*R, len].")
+    g.add_argument("--num-turns", type=int, default=multi_turn.DEFAULT_TURNS, help="multi-turn: turns per "
+                   "conversation (--num-prompts: conversations, default 8; --random-input-len: first context).")
+    g.add_argument("--turn-input-len", type=int, default=multi_turn.DEFAULT_TURN_LEN,
+                   help="multi-turn: tokens of the user message each turn appends.")
     g.add_argument("--output", default=None, help="Write the results as JSON here.")
     g.add_argument("--save-output-ids", default=None, help="Write every request's output token ids as JSON "
                    "here (greedy: compare runs, e.g. --tp 1 against --tp 4).")
@@ -137,6 +145,8 @@ def bench_rank(args: ServerArgs, tp: TPGroup, b: argparse.Namespace, argv: list[
     special = set(tok.all_special_ids if tok else []) | set(engine.runner.cfg.eos_token_ids)
     size = engine.runner.cfg.vocab_size if tok is None else min(engine.runner.cfg.vocab_size, len(tok))
     vocab = [i for i in range(size) if i not in special]
+    if b.workload == "multi-turn":  # its own loop and report (bench/multi_turn.py)
+        return multi_turn.bench_rank(engine, args, b, argv, vocab)
     work = make_workload(b, vocab, args.seed)
 
     run(engine, [(vocab[:16], 4), (vocab[16:40], 4)])  # warm-up: allocator, kernels, first-call overheads

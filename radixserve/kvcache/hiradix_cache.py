@@ -424,9 +424,9 @@ class HiRadixCache(RadixCache):
         return freed
 
     # ---- sizes, reset, checks --------------------------------------------------------------------
-    @property
-    def host_size(self) -> int:
-        return sum(len(n.key) for n in self._nodes() if n.host_value is not None)
+    def host_info(self) -> dict[str, int]:
+        return {"hicache_host_used_tokens": self.host.capacity_tokens - self.host.free_tokens,
+                "hicache_host_capacity_tokens": self.host.capacity_tokens}
 
     def reset(self) -> None:
         """flush_cache: every device and host slot back to its allocator (copies in flight finish first);

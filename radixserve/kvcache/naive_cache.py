@@ -24,6 +24,9 @@ class NaiveCache:
     def match_for_admission(self, token_ids: list[int], rid: str) -> MatchResult:
         return self.match_prefix(token_ids)
 
+    def host_info(self) -> dict[str, int]:
+        return {}
+
     def record_hit(self, matched: int, total: int) -> None:
         self.hit_tokens += matched
         self.queried_tokens += total

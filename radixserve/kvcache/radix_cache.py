@@ -127,6 +127,10 @@ class RadixCache:
         """The match a request is admitted with (HiRadixCache also loads host pages and may say wait)."""
         return self.match_prefix(token_ids)
 
+    def host_info(self) -> dict[str, int]:
+        """HiCache's host pool figures for /metrics (none without it)."""
+        return {}
+
     def record_hit(self, matched: int, total: int) -> None:
         self.hit_tokens += matched
         self.queried_tokens += total

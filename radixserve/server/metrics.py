@@ -32,11 +32,17 @@ GAUGES = [("num_running_reqs", "num_running_reqs", "Requests running (decoding o
           ("num_used_tokens", "kv_used_tokens", "KV slots held by running requests."),
           ("token_usage", "token_usage", "KV pool utilization: used tokens / capacity."),
           ("gen_throughput", "last_gen_throughput", "Generation throughput (token/s), last log interval."),
-          ("cache_hit_rate", "cache_hit_rate", "Prefix cache hit rate: cached / queried prompt tokens.")]
+          ("cache_hit_rate", "cache_hit_rate", "Prefix cache hit rate: cached / queried prompt tokens."),
+          ("hicache_host_used_tokens", "hicache_host_used_tokens", "HiCache: host pool tokens holding KV."),
+          ("hicache_host_capacity_tokens", "hicache_host_capacity_tokens", "HiCache: host pool size in tokens.")]
 COUNTERS = [("num_retractions", "num_retractions", "Requests retracted because the KV pool was full."),
             ("prompt_tokens", "prompt_tokens_total", "Prompt tokens of all requests received."),
             ("generation_tokens", "generation_tokens_total", "Tokens generated."),
-            ("cached_tokens", "cached_tokens_total", "Prompt tokens served from the prefix cache.")]
+            ("cached_tokens", "cached_tokens_total", "Prompt tokens served from the prefix cache."),
+            # HiCache: cached_tokens split by the tier the KV came from (they sum to cached_tokens)
+            ("device_cached_tokens", "device_cached_tokens_total", "Cached prompt tokens found on the device."),
+            ("host_cached_tokens", "host_cached_tokens_total", "Cached prompt tokens loaded from host memory."),
+            ("storage_cached_tokens", "storage_cached_tokens_total", "Cached prompt tokens read from storage.")]
 # SGLang's buckets: TTFT and e2e span interactive to long offline requests, ITL one decode step.
 TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 15, 20,
                 25, 30, 40, 60, 80, 120, 160]

@@ -154,6 +154,7 @@ class SchedulerLoop:
             "prompt_tokens_total": s.stats.prompt_tokens_total,
             "generation_tokens_total": s.stats.generation_tokens_total,
             "cached_tokens_total": s.stats.cached_tokens_total,
+            **s.stats.hit_tiers(), **s.cache.host_info(),  # HiCache: hits by tier, host pool use
             **s.stats.queue_time_snapshot(),
         }
 
