@@ -104,7 +104,7 @@ def w8a8_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, input_scale:
 if HAS_TRITON:
 
     @triton.jit
-    def _w8a16_kernel(X, W, S, B, Y, M, N, K, G, stride_xm, stride_wn, stride_sn, stride_ym,
+    def _w8a16_kernel(X, W, S, B, Y, M, N, K, G, stride_xm, stride_wn, stride_sn, stride_ym, M_BUCKET,
                       GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       DOT_PREC: tl.constexpr):
@@ -145,6 +145,20 @@ if HAS_TRITON:
                  mask=mask_m[:, None] & mask_n[None, :])
 
 
+    def _tune_configs() -> list:
+        """Candidates the CUDA path autotunes over per (M bucket, N, K): narrow-and-deep to wide tiles, so
+        that N = 4096 (o_proj, down_proj) and N = 28672 (gate_up) both find enough programs and bytes in
+        flight. The choice is cached per shape; CUDA graphs capture after the eager warm-up tuned it."""
+        out = []
+        for bn, bk, warps, stages in [(16, 256, 4, 4), (32, 256, 4, 4), (32, 512, 4, 3), (64, 256, 4, 4),
+                                      (64, 128, 4, 5)]:
+            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+        return out
+
+    _w8a16_tuned = triton.autotune(configs=_tune_configs(), key=["M_BUCKET", "N", "K", "G"], warmup=3,
+                                   rep=10)(_w8a16_kernel)
+
+
 def w8a16_config(m: int, n: int, k: int) -> dict:
     """Tile sizes by shape. Decode (M <= 16): 16-row tiles (tl.dot's minimum), narrow N tiles so even
     N = 4096 makes 128+ programs to keep every SM streaming, long K tiles so each iteration moves
@@ -166,14 +180,22 @@ def w8a16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torc
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
-    cfg = config or w8a16_config(M, N, K)
     group = -(-K // G)
+    block_m = 16 if M <= 16 else (32 if M <= 32 else 64)
+    if config is None and x.is_cuda:
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
+        _w8a16_tuned[grid](
+            x, w, scale, bias if bias is not None else scale, y, M, N, K, G, x.stride(0), w.stride(0), scale.stride(0),
+            y.stride(0), min(triton.next_power_of_2(M), 128), GROUP=group, PER_CHANNEL=G == 1,
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32")
+        return y
+    cfg = config or w8a16_config(M, N, K)
     if G > 1 and group % cfg["BLOCK_K"] and group & (group - 1) == 0 and group >= 16:
         cfg = {**cfg, "BLOCK_K": group}  # a power-of-two group (128): tiles within one group
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(M, cfg["BLOCK_M"]))
     _w8a16_kernel[grid](
         x, w, scale, bias if bias is not None else scale, y, M, N, K, G, x.stride(0), w.stride(0), scale.stride(0),
-        y.stride(0), GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
+        y.stride(0), 1, GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], DOT_PREC="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y

@@ -19,6 +19,16 @@ import torch
 from radixserve.kernels import fp8 as F8
 
 
+def _helpers(*names: str):
+    """test_kernels.py's case builders: a package module under pytest, a top-level one in the interpreter
+    child process (tests/gpu on its path)."""
+    try:
+        from tests.gpu import test_kernels as tk
+    except ImportError:
+        import test_kernels as tk
+    return tuple(getattr(tk, n) for n in names)
+
+
 def check_w8a16(device: str, m: int, n: int, k: int, group: bool, dtype: torch.dtype, seed: int = 0) -> float:
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(m, k, generator=g, device=device).to(dtype)
@@ -49,8 +59,7 @@ def fp8_pool_case(case, fp8_dtype: torch.dtype, k_scale: float, v_scale: float):
 
 
 def check_fp8_attention(device: str, decode: bool, fp8_dtype: torch.dtype, seed: int = 0) -> float:
-    from test_kernels import assert_close, make_case
-
+    assert_close, make_case = _helpers("assert_close", "make_case")
     from radixserve.attention.torch_backend import TorchAttentionBackend
     from radixserve.forward_batch import ForwardBatch
     from radixserve.kernels.attention import decode_attention, extend_attention
@@ -81,8 +90,7 @@ def check_fp8_attention(device: str, decode: bool, fp8_dtype: torch.dtype, seed:
 
 
 def check_fp8_rotary_store(device: str, fp8_dtype: torch.dtype, seed: int = 0) -> None:
-    from test_kernels import rope_cache
-
+    (rope_cache,) = _helpers("rope_cache")
     from radixserve.kernels import fused
     g = torch.Generator(device=device).manual_seed(seed)
     T, H, KVH, D = 7, 4, 2, 64

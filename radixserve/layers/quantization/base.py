@@ -42,8 +42,11 @@ class ParamLayout:
 
 
 def make_param(shape: tuple[int, ...], dtype: torch.dtype, layout: ParamLayout,
-               fill: float | None = None) -> nn.Parameter:
-    t = torch.empty(shape, dtype=dtype) if fill is None else torch.full(shape, fill, dtype=dtype)
+               fill: float | None = None, device: torch.device | None = None) -> nn.Parameter:
+    """device None: the current default (the model is built under `with torch.device(...)`); parameters
+    made after loading (quantized copies) must name their device."""
+    t = (torch.empty(shape, dtype=dtype, device=device) if fill is None
+         else torch.full(shape, fill, dtype=dtype, device=device))
     p = nn.Parameter(t, requires_grad=False)
     p.shard_layout = layout
     return p

@@ -51,7 +51,7 @@ class Fp8LinearMethod(LinearMethod):
             for name in ("weight_scale", "input_scale"):
                 if hasattr(layer, name):
                     delattr(layer, name)
-            layer.weight = make_param(tuple(w.shape), w.dtype, ParamLayout())
+            layer.weight = make_param(tuple(w.shape), w.dtype, ParamLayout(), device=w.device)
             layer.weight.data.copy_(w)
             layer.quant_method = UnquantizedLinearMethod()
 
@@ -108,9 +108,9 @@ class Fp8OnlineLinearMethod(Fp8LinearMethod):
 
     def process_weights_after_loading(self, layer: LinearBase) -> None:
         q, scale = K.quantize_rows(layer.weight.data)
-        layer.weight = make_param(tuple(q.shape), FP8, ParamLayout())
+        layer.weight = make_param(tuple(q.shape), FP8, ParamLayout(), device=q.device)
         layer.weight.data.copy_(q)
-        layer.weight_scale = make_param(tuple(scale.shape), torch.float32, ParamLayout(0, None))
+        layer.weight_scale = make_param(tuple(scale.shape), torch.float32, ParamLayout(0, None), device=q.device)
         layer.weight_scale.data.copy_(scale)
 
 
