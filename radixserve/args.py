@@ -421,8 +421,8 @@ _FLAGS: list[tuple[list[str], dict]] = [
                                   "deepseek-r1 (whose template opens the think block itself).")),
     (["--grammar-backend"], dict(help="Constrained decoding (response_format, regex, ebnf, forced tool "
                                  "calls): llguidance (default) or none.")),
-    (["--log-requests"], dict(action="store_true", help="Log every request's parameters and prompt length "
-                              "(and its output when it finishes).")),
+    (["--log-requests"], dict(action="store_true", help="Log one line per request: its sampling parameters, "
+                              "grammar kind and prompt lengths (never the prompt text).")),
     (["--enable-hierarchical-cache"], dict(action="store_true", help="HiCache: pages the device pool evicts keep "
                                            "their KV in host memory (and optionally files), so a returning prefix "
                                            "costs a copy instead of a prefill.")),
