@@ -109,14 +109,14 @@ class ModelRunner:
         self.compiled_decode = (compile_decode(self.model, self.device, args.torch_compile_max_bs, use_graphs)
                                 if args.enable_torch_compile else None)
         self.graphs = None
+        self.piecewise = None  # --enable-piecewise-cuda-graph: extend batches in graphs cut at attention
         self.used_graph = False  # whether the last forward replayed a CUDA graph (for the decode log line)
         if use_graphs:
             if args.attention_backend != "triton":
                 raise ValueError("CUDA graphs need --attention-backend triton; or pass --disable-cuda-graph")
             max_bs = min(args.cuda_graph_max_bs or 256, self.max_running_requests)
             self.graphs = CudaGraphRunner(self, max_bs)
-        self.piecewise = None  # --enable-piecewise-cuda-graph: extend batches in graphs cut at attention
-        if args.enable_piecewise_cuda_graph:
+        if args.enable_piecewise_cuda_graph:  # after the decode graphs, whose capture reads it
             self.piecewise = PiecewiseRunner(self.model, self.attn_layers, self.device,
                                              min(args.piecewise_cuda_graph_max_tokens, self.context_len),
                                              partial(padding_batch, self) if use_graphs else None)

@@ -50,7 +50,9 @@ def piecewise_sizes(max_tokens: int) -> list[int]:
 
 
 def is_attention(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is torch.ops.radixserve.attention.default
+    """Dynamo records the op as its overload packet; an aten-level graph would hold `.default`."""
+    op = torch.ops.radixserve.attention
+    return node.op == "call_function" and node.target in (op, op.default)
 
 
 def split_at_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
@@ -134,6 +136,7 @@ class PiecewiseRunner:
         self.state = PiecewiseState(device)
         self.pieces: list[Piece] = []
         self.captured: set[int] = set()
+        self.replays = 0  # batches that ran the captured graphs (tests, logs)
 
         def hidden(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return model.model(input_ids, positions, None)
@@ -170,6 +173,7 @@ class PiecewiseRunner:
             pos = torch.nn.functional.pad(pos, (0, n - t))
         st = self.state
         st.mode, st.bucket = ("replay" if n in self.captured else "eager"), n
+        self.replays += st.mode == "replay"
         try:
             return self.compiled(ids, pos)[:t]
         finally:
