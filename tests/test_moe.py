@@ -201,3 +201,99 @@ def test_roofline_counts_active_experts() -> None:
     assert step_weight_bytes(cost, 1) == pytest.approx(4 * (cfg.num_params(active=True) - emb))
     assert step_weight_bytes(cost, 10_000) == pytest.approx(4 * (cfg.num_params() - emb))
     assert cost["moe_layers"] == 1 and cost["top_k"] == 3
+
+
+def _write_fp8_moe(path: str, block: tuple[int, int]) -> torch.nn.Module:
+    """A tiny random Qwen3-MoE as a block-FP8 checkpoint (Qwen3-30B-A3B-FP8's layout: every linear layer but
+    the router and the LM head in e4m3 with weight_scale_inv). Returns HF's model on the dequantized weights:
+    the reference. Expert sizes leave partial edge blocks (48 = 32 + 16)."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    from radixserve.kernels.fp8 import dequantize, quantize_blocks
+    cls_name, extra = MOE_CASES["qwen3_moe"]
+    cfg = getattr(transformers, cls_name)(**{**COMMON, **extra, "moe_intermediate_size": 48})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model.save_pretrained(path)  # HF's per-expert checkpoint names, then quantized below
+    from safetensors.torch import load_file
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    out, deq = {}, {}
+    for name, t in sd.items():
+        linear = name.endswith("_proj.weight") or (".experts." in name and name.endswith(".weight"))
+        if t.dim() != 2 or not linear:
+            out[name] = deq[name] = t
+            continue
+        t = t * 3  # wider than HF's init, so greedy has clear winners
+        q, s = quantize_blocks(t, block)
+        out[name], out[name[:-len("weight")] + "weight_scale_inv"] = q, s
+        deq[name] = dequantize(q, s.repeat_interleave(block[0], 0)[: t.shape[0]].repeat_interleave(block[1], 1)
+                               [:, : t.shape[1]].contiguous())
+    os.remove(os.path.join(path, "model.safetensors"))
+    save_file(out, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": list(block)}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    missing, unexpected = ref.load_state_dict(_hf_fused_names(deq, cfg), strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return ref
+
+
+def _hf_fused_names(sd: dict, cfg) -> dict:
+    """Checkpoint (per-expert) names -> the in-memory names of transformers' stacked experts."""
+    out = {k: v for k, v in sd.items() if ".experts." not in k}
+    for n in range(cfg.num_hidden_layers):
+        p = f"model.layers.{n}.mlp.experts"
+        if f"{p}.0.gate_proj.weight" not in sd:
+            continue
+        E = cfg.num_experts
+        out[f"{p}.gate_up_proj"] = torch.stack([torch.cat([sd[f"{p}.{e}.gate_proj.weight"],
+                                                           sd[f"{p}.{e}.up_proj.weight"]]) for e in range(E)])
+        out[f"{p}.down_proj"] = torch.stack([sd[f"{p}.{e}.down_proj.weight"] for e in range(E)])
+    return out
+
+
+def test_block_fp8_moe_checkpoint_matches_hf_on_dequantized_weights(tmp_path) -> None:
+    from radixserve.engine.model_runner import ModelRunner
+    from radixserve.weights.loader import resolve_model
+    ref = _write_fp8_moe(str(tmp_path), (32, 32))
+    runner = ModelRunner(ServerArgs(model=str(tmp_path), device="cpu", max_total_tokens=256),
+                         resolve_model(str(tmp_path)))
+    experts = runner.model.model.layers[0].mlp.experts
+    assert experts.w13.dtype == torch.float8_e4m3fn and experts.w2_scale.shape == (8, 64, 2)
+    prompts = _prompts()
+    want = [_hf_greedy(ref, p) for p in prompts]
+    (got,), steps, _ = _run_ours(str(tmp_path), prompts)
+    assert got == want
+    _check_logits(ref, prompts, got, steps)
+
+
+def test_fp8_experts_online_and_kernel_layout() -> None:
+    """--quantization fp8 quantizes each expert's rows after loading; the layer then computes the MoE of the
+    dequantized weights (what the W8A16 kernel computes), within fp8 rounding of the 16-bit layer."""
+    from radixserve.distributed.group import TPGroup
+    from radixserve.layers.moe import FusedMoE
+    from radixserve.layers.quantization.fp8 import Fp8Config
+    torch.manual_seed(0)
+    E, H, inter, k = 4, 32, 16, 2
+    layer = FusedMoE(E, H, inter, TPGroup(), False, Fp8Config(None))
+    plain = FusedMoE(E, H, inter, TPGroup(), False)
+    for m in (layer, plain):
+        torch.manual_seed(1)
+        m.w13.data.normal_()
+        m.w2.data.normal_()
+    layer.process_weights_after_loading()
+    assert layer.w13.dtype == torch.float8_e4m3fn and layer.w13_scale.shape == (E, 2 * inter, 1)
+    x = torch.randn(7, H)
+    w, ids = route(torch.randn(7, E), k, True, None)
+    deq13 = layer.w13.float() * layer.w13_scale
+    deq2 = layer.w2.float() * layer.w2_scale
+    torch.testing.assert_close(layer(x, w, ids), fused_moe_ref(x, deq13, deq2, w, ids), rtol=1e-5, atol=1e-5)
+    ref = plain(x, w, ids)
+    assert float((layer(x, w, ids) - ref).abs().max() / ref.abs().max()) < 0.1

@@ -3,7 +3,8 @@
 Skipped when triton is not installed (CI). As in test_kernels_interpret.py, the checks run in a child process
 (TRITON_INTERPRET must be set before triton is imported) with that file's interpreter patches. Both paths
 (one entry per block; entries sorted by expert and padded), ragged N and K against the block sizes, other
-ranks' experts (ids < 0), and fp32 / bf16 are compared with kernels/moe.py's torch twin in fp32.
+ranks' experts (ids < 0), fp32 / bf16 and FP8 weights with group scales are compared with kernels/moe.py's
+torch twin in fp32.
 tests/gpu/test_moe_kernel.py covers the real shapes and the tuned configs.
 """
 from __future__ import annotations
@@ -59,6 +60,40 @@ def main() -> None:
             err = float((out.float() - ref).abs().max() / ref.abs().max().clamp(min=1))
             assert err < tol[dt], (T, H, inter, E, k, dt, srt, remote, err)
             print(f"ok  T={T} H={H} I={inter} E={E} k={k} {dt} sorted={srt} remote={remote}  err {err:.1e}")
+    # the router in one kernel: the same experts and weights as HF's softmax / top-k / renormalise
+    from radixserve.kernels.moe import topk_softmax, topk_softmax_ref
+    for T, E, k, renorm, wdt in [(5, 8, 2, True, torch.bfloat16), (3, 60, 4, False, torch.float32),
+                                 (4, 128, 8, True, None)]:
+        logits = torch.randn(T, E) * 3
+        w, ids = topk_softmax(logits, k, renorm, wdt)
+        w_ref, ids_ref = topk_softmax_ref(logits, k, renorm, wdt)
+        assert torch.equal(ids, ids_ref) and w.dtype == w_ref.dtype, (ids, ids_ref)
+        torch.testing.assert_close(w, w_ref, rtol=1e-5 if wdt != torch.bfloat16 else 1e-2, atol=1e-6)
+    print("ok  topk_softmax")
+    # FP8 experts (W8A16): 32-column scale groups with a partial last group, and one group per row
+    from radixserve.kernels.fp8 import quantize_blocks, quantize_rows
+    for T, H, inter, E, k, srt, grouped in [(4, 64, 48, 4, 2, False, True), (9, 64, 48, 4, 2, True, True),
+                                            (5, 32, 16, 4, 2, True, False)]:
+        x = torch.randn(T, H).bfloat16()
+        w13f, w2f = torch.randn(E, 2 * inter, H) / 6, torch.randn(E, H, inter) / 6
+        if grouped:
+            parts13 = [quantize_blocks(w13f[e], (32, 32)) for e in range(E)]
+            parts2 = [quantize_blocks(w2f[e], (32, 32)) for e in range(E)]
+            s13 = torch.stack([s.repeat_interleave(32, 0)[: 2 * inter] for _, s in parts13])
+            s2 = torch.stack([s.repeat_interleave(32, 0)[:H] for _, s in parts2])
+            scales = (s13, s2, 32, 32)
+        else:
+            parts13 = [quantize_rows(w13f[e]) for e in range(E)]
+            parts2 = [quantize_rows(w2f[e]) for e in range(E)]
+            scales = (torch.stack([s for _, s in parts13]), torch.stack([s for _, s in parts2]), H, inter)
+        w13, w2 = torch.stack([q for q, _ in parts13]), torch.stack([q for q, _ in parts2])
+        w, ids = route(torch.randn(T, E), k, True, None)
+        cfg = dict(SORTED=srt, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64, num_warps=4, num_stages=1)
+        out = fused_moe_triton(x, w13, w2, w, ids, config=cfg, scales=scales)
+        ref = fused_moe_ref(x.float(), w13, w2, w, ids, scales)
+        err = float((out.float() - ref).abs().max() / ref.abs().max().clamp(min=1))
+        assert err < 2e-2, (T, srt, grouped, err)
+        print(f"ok  fp8 T={T} sorted={srt} grouped={grouped}  err {err:.1e}")
     # the public entry point picks the Triton path (table config) under the interpreter too
     x = torch.randn(2, 32)
     w13, w2 = torch.randn(4, 64, 32) / 6, torch.randn(4, 32, 32) / 6

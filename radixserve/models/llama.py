@@ -15,7 +15,7 @@ from radixserve.layers.attention import Attention
 from radixserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from radixserve.layers.linear import QKVParallelLinear, RowParallelLinear, default_weight_loader
 from radixserve.layers.mlp import DenseMLP
-from radixserve.layers.moe import SparseMoeBlock
+from radixserve.layers.moe import FusedMoE, SparseMoeBlock
 from radixserve.layers.norm import RMSNorm
 from radixserve.layers.rotary import RotaryEmbedding
 from radixserve.models.config import ModelConfig
@@ -47,8 +47,8 @@ class LlamaDecoderLayer(nn.Module):
                  expert_parallel: bool = False) -> None:
         super().__init__()
         self.self_attn = LlamaAttention(cfg, layer_id, tp, rotary)
-        self.mlp = (SparseMoeBlock(cfg.moe, cfg.hidden_size, tp, expert_parallel) if cfg.is_moe_layer(layer_id)
-                    else DenseMLP(cfg.hidden_size, cfg.intermediate_size, tp, cfg.quant))
+        self.mlp = (SparseMoeBlock(cfg.moe, cfg.hidden_size, tp, expert_parallel, cfg.quant)
+                    if cfg.is_moe_layer(layer_id) else DenseMLP(cfg.hidden_size, cfg.intermediate_size, tp, cfg.quant))
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -163,10 +163,13 @@ class LlamaForCausalLM(nn.Module):
             missing.discard("lm_head.weight")
         if missing:
             raise ValueError(f"checkpoint lacks tensors for: {sorted(missing)[:5]} ...")
+        for module in self.modules():  # FP8 experts: quantize (--quantization fp8) or dequantize (no FP8 GPU)
+            if isinstance(module, FusedMoE):
+                module.process_weights_after_loading()
 
 
 # One expert's projection (Qwen: gate/up/down_proj, Mixtral: w1/w3/w2), or HF's fused [E, ...] tensors.
-_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight")
+_EXPERT = re.compile(r"(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|weight_scale_inv)")
 _EXPERT_PART = {"gate_proj": ("w13", 0), "w1": ("w13", 0), "up_proj": ("w13", 1), "w3": ("w13", 1),
                 "down_proj": ("w2", None), "w2": ("w2", None)}
 
@@ -176,7 +179,7 @@ def _expert_param(name: str) -> tuple[str, object]:
     m = _EXPERT.fullmatch(name)
     if m:
         ours, half = _EXPERT_PART[m.group(3)]
-        return f"{m.group(1)}.{ours}", (int(m.group(2)), half)
+        return f"{m.group(1)}.{ours}{'_scale' if m.group(4) != 'weight' else ''}", (int(m.group(2)), half)
     for fused, ours in ((".mlp.experts.gate_up_proj", "w13"), (".mlp.experts.down_proj", "w2")):
         if name.endswith(fused):
             return name[: -len(fused)] + ".mlp.experts." + ours, (None, None)

@@ -4,7 +4,8 @@ Qwen3-30B-A3B's expert shapes (E 128, k 8, H 2048, I 768) and Mixtral's (E 8, k 
 1792 to stay small), at every row of the block-config table (decode: one entry per block; prefill: sorted and
 padded), with other ranks' experts (ids < 0) too. The caching allocator is first filled with NaN and freed,
 so a row the kernel forgets to write reaches the output as NaN. Tolerance, bf16: max |out - ref| <= 2e-2 x
-max |ref|. CUDA-graph capture is checked too (the align step and both launches must not synchronise).
+max |ref|. CUDA-graph capture is checked too (the align step and both launches must not synchronise), and
+the FP8 (W8A16) path with 128x128 block scales and with one scale per row.
 """
 from __future__ import annotations
 
@@ -67,3 +68,26 @@ def test_fused_moe_in_cuda_graph() -> None:
         graph.replay()
         torch.testing.assert_close(out, fused_moe_triton(x, w13, w2, w, ids), rtol=0, atol=0)
         assert not torch.equal(out, want)
+
+
+@pytest.mark.parametrize("T", [1, 300])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_fp8_experts_match_reference(T: int, grouped: bool) -> None:
+    from radixserve.kernels.fp8 import quantize_blocks, quantize_rows
+    E, k, H, inter = SHAPES["qwen3-30b-a3b"]
+    x, w13b, w2b, w, ids = _case(T, E, k, H, inter, seed=7)
+    if grouped:
+        p13 = [quantize_blocks(w13b[e], (128, 128)) for e in range(E)]
+        p2 = [quantize_blocks(w2b[e], (128, 128)) for e in range(E)]
+        scales = (torch.stack([s.repeat_interleave(128, 0)[: 2 * inter] for _, s in p13]),
+                  torch.stack([s.repeat_interleave(128, 0)[:H] for _, s in p2]), 128, 128)
+    else:
+        p13 = [quantize_rows(w13b[e]) for e in range(E)]
+        p2 = [quantize_rows(w2b[e]) for e in range(E)]
+        scales = (torch.stack([s for _, s in p13]), torch.stack([s for _, s in p2]), H, inter)
+    w13, w2 = torch.stack([q for q, _ in p13]), torch.stack([q for q, _ in p2])
+    _poison()
+    out = fused_moe_triton(x, w13, w2, w, ids, scales=scales)
+    ref = fused_moe_ref(x.float(), w13, w2, w.float(), ids, scales)
+    assert not out.isnan().any()
+    assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2
