@@ -141,8 +141,7 @@ def bench(engine, args: ServerArgs, b: argparse.Namespace, vocab: list[int]) -> 
                                                     engine.runner, engine.tokenizer)))
     scheds.append(("with_hicache" if args.enable_hierarchical_cache else "without_hicache", engine.scheduler))
     for name, sched in scheds:
-        warm = [[vocab[:16]], [vocab[16:40]]]
-        run_turns(sched, [vocab[40:80]], warm, 4)  # allocator, kernels, first-call overheads
+        run_turns(sched, [vocab[:8]], [[vocab[8:12]], [vocab[12:16]]], 2)  # allocator, kernels, first calls
         sched.cache.reset()
         runs[name] = run_turns(sched, firsts, users, b.random_output_len)
     res: dict = {name: {k: v for k, v in r.items() if k != "outputs"} for name, r in runs.items()}
