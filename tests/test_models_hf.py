@@ -82,8 +82,8 @@ def _run_ours(path: str, prompts: list[list[int]], rounds: int = 1,
     steps: list = []
     forward = runner.forward
 
-    def recording_forward(reqs: list[Req], is_decode: bool) -> torch.Tensor:
-        logits = forward(reqs, is_decode)
+    def recording_forward(reqs: list[Req], is_decode: bool, **kw) -> torch.Tensor:  # kw: decode_tail
+        logits = forward(reqs, is_decode, **kw)
         for row, r in enumerate(reqs):
             steps.append((cur_round, index[id(r)], r.kv_len + r.extend_len - 1, logits[row].clone()))
         return logits
