@@ -89,6 +89,12 @@ def test_the_guide_example_lines_together_exit_1_with_both_advices():
     assert out["summary"]["decode_lines"] == 1 and out["summary"]["token_usage_mean"] == 0.82
 
 
+def test_device_hint_drops_gpu_advice_for_a_cpu_log():
+    assert doctor("-", stdin=GUIDE_MEMORY + "\n").returncode == 1
+    r = doctor("-", "--device", "cpu", stdin=GUIDE_MEMORY + "\n")
+    assert r.returncode == 0 and "healthy" in r.stdout
+
+
 def timed(lines: list[tuple[int, str]], tag: str = " TP0") -> str:
     """Log lines at the given second offsets, in radixserve's/SGLang's `[date time TPn] message` form."""
     return "\n".join(f"[2026-12-01 10:{s // 60:02d}:{s % 60:02d}{tag}] {m}" for s, m in sorted(lines)) + "\n"

@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=10.0, help="URL: HTTP timeout per request (default 10)")
     p.add_argument("--gpu-mem-gb", type=float, default=None, help="the GPU's memory, when the source does not "
                    "say it, to turn GB into --mem-fraction-static steps")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="where the server ran, when the "
+                   "source does not say (a log without the server_args= line): no GPU advice for cpu")
     ns = p.parse_args(argv)
     try:
         ev = read(ns.target, ns)
@@ -64,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if ns.gpu_mem_gb:
         ev.total_mem_gb = ns.gpu_mem_gb
+    if ns.device:
+        ev.settings.setdefault("device", ns.device)
     findings = diagnose(ev)
     if ns.json:
         print(json.dumps({"healthy": not findings, "summary": summary(ev), "settings_seen": sorted(ev.settings),
