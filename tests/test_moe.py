@@ -297,3 +297,22 @@ def test_fp8_experts_online_and_kernel_layout() -> None:
     torch.testing.assert_close(layer(x, w, ids), fused_moe_ref(x, deq13, deq2, w, ids), rtol=1e-5, atol=1e-5)
     ref = plain(x, w, ids)
     assert float((layer(x, w, ids) - ref).abs().max() / ref.abs().max()) < 0.1
+
+
+def test_sparse_block_under_torch_compile() -> None:
+    """--enable-torch-compile traces the decoder with fullgraph=True: the MoE block must trace whole (the
+    experts are one opaque op) and compute what it computes eagerly."""
+    from radixserve.distributed.group import TPGroup
+    from radixserve.layers.moe import SparseMoeBlock
+    cfg = ModelConfig.from_hf(transformers.Qwen2MoeConfig(**{**COMMON, **MOE_CASES["qwen2_moe"][1]}))
+    torch.manual_seed(0)
+    block = SparseMoeBlock(cfg.moe, cfg.hidden_size, TPGroup())
+    for p in block.parameters():
+        p.data.normal_(0, 0.3)
+    for p in block.experts.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(5, cfg.hidden_size)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), rtol=1e-5, atol=1e-5)

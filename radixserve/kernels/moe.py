@@ -300,10 +300,34 @@ def topk_softmax(logits: torch.Tensor, top_k: int, renormalize: bool, weights_dt
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, has_remote: bool = False, scales: tuple | None = None) -> torch.Tensor:
-    """Triton on CUDA (and under TRITON_INTERPRET=1), the torch twin elsewhere."""
+    """Triton on CUDA (and under TRITON_INTERPRET=1), the torch twin elsewhere. Inside torch.compile it is one
+    opaque custom op (radixserve::fused_moe), so the traced graph does not break at the data-dependent
+    expert loop or the kernel launches."""
+    s13, s2, g13, g2 = scales if scales is not None else (None, None, 0, 0)
+    if torch.compiler.is_compiling():
+        return torch.ops.radixserve.fused_moe(x, w13, w2, topk_weights, topk_ids, has_remote, s13, s2, g13, g2)
+    return _fused_moe_eager(x, w13, w2, topk_weights, topk_ids, has_remote, s13, s2, g13, g2)
+
+
+def _fused_moe_eager(x, w13, w2, topk_weights, topk_ids, has_remote, s13, s2, g13, g2) -> torch.Tensor:
+    scales = None if s13 is None else (s13, s2, g13, g2)
     if _use_triton(x) or (HAS_TRITON and x.is_cuda):
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, has_remote, scales=scales)
     return fused_moe_ref(x, w13, w2, topk_weights, topk_ids, scales)
+
+
+@torch.library.custom_op("radixserve::fused_moe", mutates_args=())
+def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                 topk_ids: torch.Tensor, has_remote: bool, w13_scale: torch.Tensor | None,
+                 w2_scale: torch.Tensor | None, group_k13: int, group_k2: int) -> torch.Tensor:
+    return _fused_moe_eager(x, w13, w2, topk_weights, topk_ids, has_remote, w13_scale, w2_scale, group_k13, group_k2)
+
+
+@fused_moe_op.register_fake
+def _(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+      has_remote: bool, w13_scale: torch.Tensor | None, w2_scale: torch.Tensor | None, group_k13: int,
+      group_k2: int) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 __all__ = ["MOE_CONFIGS", "align_by_expert", "dequantize_expert", "fused_moe", "fused_moe_ref", "fused_moe_triton",
