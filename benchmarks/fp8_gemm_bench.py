@@ -1,6 +1,6 @@
 """FP8 linear layers at Llama-3.1-8B shapes: bf16 F.linear vs our W8A16 Triton GEMM vs W8A8 _scaled_mm
 (activation quantization included), over the token counts of decode and prefill. Picks the token
-count from which W8A8 wins on every shape: layers/quantization/fp8.py's W8A8_MIN_TOKENS.
+count from which W8A8 wins on each shape: what layers/quantization/fp8.py's w8a8_min_tokens follows.
 
     python benchmarks/fp8_gemm_bench.py --output benchmarks/results/fp8_gemm_h200.json
 """

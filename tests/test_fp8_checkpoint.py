@@ -246,17 +246,34 @@ def test_tp_refuses_to_split_a_block():
 
 
 def test_w8a8_path_for_many_tokens():
-    """>= W8A8_MIN_TOKENS rows with per-channel scales: activations are quantized per token (the CPU twin
+    """>= w8a8_min_tokens rows with per-channel scales: activations are quantized per token (the CPU twin
     of _scaled_mm); the result is the W8A8 reference exactly and the fp32 product within FP8 noise."""
     from radixserve.kernels.fp8 import w8a8_ref
     layer = RowParallelLinear(256, 96, False, TPGroup(), Fp8Config(None))
     w = torch.randn(96, 256)
     _load(layer, "weight", w)
     process_weights_after_loading(layer)
-    x = torch.randn(fp8_mod.W8A8_MIN_TOKENS + 3, 256)
+    x = torch.randn(fp8_mod.w8a8_min_tokens(96, 256) + 3, 256)
     y = layer(x)
     torch.testing.assert_close(y, w8a8_ref(x, layer.weight, layer.weight_scale), rtol=0, atol=0)
     exact = x @ w.t()
     assert ((y - exact).norm() / exact.norm()).item() < 0.06  # e4m3 has 3 mantissa bits on both operands
     small = layer(x[:4])  # below the switch: weight-only
     assert ((small - exact[:4]).norm() / exact[:4].norm()).item() < 0.04
+
+
+def test_static_input_scale_in_w8a8():
+    """A static checkpoint's input_scale quantizes the activations of the W8A8 path (no per-token amax)."""
+    from radixserve.kernels.fp8 import w8a8_ref
+    quant = Fp8Config({"quant_method": "fp8", "activation_scheme": "static"})
+    layer = RowParallelLinear(256, 96, False, TPGroup(), quant)
+    w = torch.randn(96, 256)
+    q, s = quantize_rows(w.reshape(1, -1))
+    _load(layer, "weight", q.reshape(96, 256))
+    _load(layer, "weight_scale", s.reshape(()))
+    _load(layer, "input_scale", torch.tensor([0.02]))
+    process_weights_after_loading(layer)
+    x = torch.randn(fp8_mod.w8a8_min_tokens(96, 256), 256)
+    want = w8a8_ref(x, layer.weight, layer.weight_scale, torch.tensor([0.02]))
+    torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
+    assert not torch.equal(want, w8a8_ref(x, layer.weight, layer.weight_scale))  # the scale mattered

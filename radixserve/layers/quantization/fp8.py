@@ -4,7 +4,7 @@ static activations) or 128x128 block `weight_scale_inv`.
 
 Every variant ends in one runtime form: `weight` [N, K] float8_e4m3fn and `weight_scale` [N, G]
 float32 (see kernels/fp8.py), so one `apply` serves them all:
-    CUDA, M <= W8A8_MIN_TOKENS, or group scales   Triton W8A16 (weight upcast in the kernel)
+    CUDA, M < w8a8_min_tokens, or group scales    Triton W8A16 (weight upcast in the kernel)
     CUDA, more tokens, per-row scales             W8A8: activations quantized per token (or with the
                                                   checkpoint's static input scale), torch._scaled_mm
     CPU                                           the same choice, with the torch twins of both maths
@@ -27,9 +27,14 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
-# Tokens per matmul from which W8A8 (_scaled_mm) replaces the W8A16 kernel for per-row scales.
-# Chosen from benchmarks/results/fp8_gemm_h200.json (Llama-3.1-8B shapes), see benchmarks/README.md.
-W8A8_MIN_TOKENS = 128
+
+
+def w8a8_min_tokens(n: int, k: int) -> int:
+    """Tokens per matmul from which W8A8 (_scaled_mm) replaces the W8A16 kernel (per-row scales). Measured on
+    an H200 at the Llama-3.1-8B shapes (benchmarks/results/fp8_gemm_h200_*.json): W8A8 overtakes at 32-128
+    tokens for the big projections (gate_up 28672 x 4096, down 4096 x 14336) and between 256 and 1024 for
+    the small ones (qkv 6144 x 4096, o 4096 x 4096), whose weight-only kernel stays cheaper for longer."""
+    return 64 if n * k >= 48 << 20 else 512
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -60,7 +65,7 @@ class Fp8LinearMethod(LinearMethod):
         x2 = x.reshape(-1, shape[-1])
         w, s = layer.weight, layer.weight_scale
         input_scale = getattr(layer, "input_scale", None)
-        use_w8a8 = x2.shape[0] >= W8A8_MIN_TOKENS and s.shape[1] == 1
+        use_w8a8 = s.shape[1] == 1 and x2.shape[0] >= w8a8_min_tokens(*w.shape)
         if x.is_cuda:
             if use_w8a8 and x.dtype in (torch.bfloat16, torch.float16) and not w.shape[0] % 16 \
                     and not w.shape[1] % 16:
