@@ -162,9 +162,14 @@ class ServerArgs:
         if self.disaggregation_mode != "null" and (self.tp_size > 1 or self.dp_size > 1):
             raise ValueError("--disaggregation-mode with --tp or --dp-size > 1 is not built yet in radixserve: run "
                              "one server per replica (the gateway balances them) at --tp 1")
-        if self.disaggregation_decode_enable_offload_kvcache:
-            raise ValueError("--disaggregation-decode-enable-offload-kvcache is not built yet in radixserve "
-                             "(it needs the HiCache storage tier on the decode server); remove the flag")
+        if self.disaggregation_decode_enable_offload_kvcache and (
+                self.disaggregation_mode != "decode" or self.hicache_storage_backend is None
+                or self.hicache_write_policy != "write_through"):
+            # the finished requests' KV enters the decode server's radix tree; HiCache's write-through copies
+            # every page that enters it to host memory and on to the storage tier
+            raise ValueError("--disaggregation-decode-enable-offload-kvcache writes a decode server's finished KV "
+                             "to HiCache storage: it needs --disaggregation-mode decode --enable-hierarchical-cache "
+                             "--hicache-storage-backend file and --hicache-write-policy write_through (the default)")
 
     def check_hicache(self) -> None:
         """HiCache flags (SGLang's names and defaults). Storage backends SGLang ships that radixserve does not
@@ -459,8 +464,9 @@ _FLAGS: list[tuple[list[str], dict]] = [
                                                 "request's KV (and a prefill server keeps KV no decode server "
                                                 "fetched) before failing the request (default 300).")),
     (["--disaggregation-decode-enable-offload-kvcache"], dict(action="store_true", help="Decode server: write "
-                                                               "finished requests' KV to HiCache storage (not "
-                                                               "built yet).")),
+                                                               "finished requests' KV to HiCache storage (needs "
+                                                               "--enable-hierarchical-cache --hicache-storage-"
+                                                               "backend file), where later servers find it.")),
 ]
 
 

@@ -35,7 +35,7 @@ class DecodeQueue:
         self.waiting: list[Req] = []
         self.transferring: list[tuple[Req, Transfer]] = []
         self.failed: list[tuple[Req, TransferError]] = []
-        self.transfers: list[tuple[int, float]] = []  # (bytes, seconds) of the last transfers, for benchmarks
+        self.bytes_total, self.seconds_total = 0, 0.0  # KV received, and the time it was on the wire
 
     def __len__(self) -> int:
         return len(self.waiting) + len(self.transferring)
@@ -101,7 +101,8 @@ class DecodeQueue:
         s, p = self.sched, t.payload
         n = len(req.origin_input_ids)
         import_kv(s.runner.kv_pool, torch.tensor(req.slots[:n], dtype=torch.int64), p.kv)
-        self.transfers = self.transfers[-255:] + [(t.nbytes, t.seconds)]
+        self.bytes_total += t.nbytes
+        self.seconds_total += t.seconds
         req.kv_len, req.seed, req.cached_tokens = n, p.seed, p.cached_tokens
         req.output_ids.append(p.first_token)
         if p.logprob is not None and (req.sampling_params.logprobs or req.sampling_params.top_logprobs):

@@ -156,6 +156,9 @@ class SchedulerLoop:
             "cached_tokens_total": s.stats.cached_tokens_total,
             **s.stats.hit_tiers(), **s.cache.host_info(),  # HiCache: hits by tier, host pool use
             **s.stats.queue_time_snapshot(),
+            **({} if s.pd_decode is None else {  # PD decode: requests waiting for KV, and what has arrived
+                "num_pd_waiting_reqs": len(s.pd_decode), "pd_transfer_bytes": s.pd_decode.bytes_total,
+                "pd_transfer_seconds": s.pd_decode.seconds_total}),
         }
 
 
