@@ -23,7 +23,8 @@ trap 'kill $A $B 2>/dev/null' EXIT
 
 RADIXSERVE_GPU_TEST_PRESET=llama-3.1-8b RADIXSERVE_TOKENIZER_PATH=$TOK \
   RADIXSERVE_PIECEWISE_TIMING="$OUT/piecewise_prefill_llama8b_h200.json" \
-  timeout 150 python -m pytest -q -x -rs -s tests/gpu/test_piecewise_gpu.py 2>&1 | grep -v "it/s\]" | tail -n 25
+  timeout 150 python -m pytest -q -x -rs -s tests/gpu/test_piecewise_gpu.py 2>&1 | grep -v "it/s\]" >"$OUT/pytest_piecewise.log"
+tail -n 15 "$OUT/pytest_piecewise.log"
 
 wait_up() {
   for _ in $(seq 240); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.5; done

@@ -388,9 +388,12 @@ async def benchmark(args: BenchArgs) -> dict[str, Any]:
 
 async def compare_clients(target: Target, bodies: list[tuple[bytes, int]]) -> dict[str, Any]:
     """The same requests one at a time through this client and through the blocking-socket reference
-    (in a thread, so the event loop is idle meanwhile): TTFT and ITL means per client, and the difference."""
-    ours = [await send(target, b, n) for b, n in bodies]
-    ref = [await asyncio.to_thread(send_blocking, target, b, n) for b, n in bodies]
+    (in a thread, so the event loop is idle meanwhile), alternating, so both see the same server state
+    (the prompts are in its prefix cache after the run): TTFT and ITL per client, and the difference."""
+    ours, ref = [], []
+    for b, n in bodies:
+        ours.append(await send(target, b, n))
+        ref.append(await asyncio.to_thread(send_blocking, target, b, n))
 
     def stats(rs: list[Result]) -> dict[str, float]:
         ok = [r for r in rs if r.success]
@@ -489,9 +492,10 @@ def print_report(m: dict[str, Any]) -> None:
 
 def provenance(args: BenchArgs) -> dict[str, Any]:
     """The server's flags and the checkout's commit (the bench runs from the server's checkout)."""
-    from radixserve.bench.roofline import git_commit
+    from radixserve.bench.roofline import device_name, git_commit
     flags = server_flags(args)
-    return {"commit": git_commit(), "server_args": flags, "command": " ".join(sys.argv)}
+    device = device_name(flags["device"]) if flags and isinstance(flags.get("device"), str) else None
+    return {"commit": git_commit(), "device": device, "server_args": flags, "command": " ".join(sys.argv)}
 
 
 def run_benchmark(args: BenchArgs) -> dict[str, Any]:
@@ -538,6 +542,7 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
                    help="After the run, send N requests one at a time through this client and through a "
                    "blocking-socket reference client, and report both (the client's own overhead).")
     p.add_argument("--output", "--output-file", dest="output", help="Write the metrics as JSON here.")
+    p.add_argument("--quiet", action="store_true", help="Do not print the report.")
     ns = vars(p.parse_args(argv))
     host, port = ns.pop("host"), ns.pop("port")
     ns.pop("dataset_name")

@@ -1,9 +1,12 @@
 """--enable-piecewise-cuda-graph on a GPU: replayed piece graphs against the eager model.
 
-One engine with piecewise graphs; each batch runs twice, once through the captured graphs and once
-eagerly (runner.piecewise detached), on the same weights and KV pool. Batches: one prompt padded to a
-bucket, several prompts of mixed lengths, and an extend over a cached prefix. bf16: logits within
-1e-2 relative error (norm) and the same top-1 token per request.
+One engine with piecewise graphs; each batch runs three ways on the same weights and KV pool: through the
+captured graphs, through the same split pieces run eagerly at the same padded size, and through the eager
+model (runner.piecewise detached). Graphs against the eager pieces checks the capture and the input
+copies: the same kernels on the same shapes, so within 1e-3 (norm) and the same top-1 token. Graphs
+against the eager model differ by bf16 rounding of other GEMM shapes (padded M), which a random-weight
+model amplifies layer after layer (0.04 relative on the 8B preset, a 4-prompt batch, H200): within 0.1.
+Batches: one prompt padded to a bucket, several prompts of mixed lengths, and an extend over a cached prefix.
 
 With RADIXSERVE_PIECEWISE_TIMING=path the test also times prefills of one prompt of 16..512 tokens
 both ways (CUDA events, median of repeats) and writes them there as JSON (benchmarks/results).
@@ -33,25 +36,34 @@ def engine() -> Engine:
                              piecewise_cuda_graph_max_tokens=MAX_TOKENS))
 
 
-def both_ways(engine: Engine, batch: list[Req]) -> tuple[torch.Tensor, torch.Tensor]:
+def three_ways(engine: Engine, batch: list[Req]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     r = engine.runner
     pw = r.piecewise
     before = pw.replays
     graphs = r.forward(batch, is_decode=False).float().clone()
     assert pw.replays == before + 1, "the batch did not replay the piecewise graphs"
+    captured, pw.captured = pw.captured, set()  # nothing captured: the pieces run eagerly
+    try:
+        pieces = r.forward(batch, is_decode=False).float().clone()
+    finally:
+        pw.captured = captured
     r.piecewise = None
     try:
         eager = r.forward(batch, is_decode=False).float().clone()
     finally:
         r.piecewise = pw
-    return graphs, eager
+    return graphs, pieces, eager
 
 
-def check(graphs: torch.Tensor, eager: torch.Tensor) -> None:
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def check(graphs: torch.Tensor, pieces: torch.Tensor, eager: torch.Tensor) -> None:
     assert torch.isfinite(graphs).all()
-    rel = ((graphs - eager).norm() / eager.norm()).item()
-    assert rel < 1e-2, rel
-    assert (graphs.argmax(-1) == eager.argmax(-1)).all()
+    assert rel(graphs, pieces) < 1e-3, rel(graphs, pieces)
+    assert (graphs.argmax(-1) == pieces.argmax(-1)).all()
+    assert rel(graphs, eager) < 0.1, rel(graphs, eager)
 
 
 def prompts(n: int, lengths: list[int]) -> list[list[int]]:
@@ -67,7 +79,7 @@ def test_graphs_match_eager(engine, lengths):
         s.add_request(q)
     batch = s._schedule_prefill()
     assert len(batch) == len(reqs)
-    check(*both_ways(engine, batch))
+    check(*three_ways(engine, batch))
     for q in reqs:
         s._release(q)
 
@@ -84,7 +96,7 @@ def test_extend_over_cached_prefix(engine):
         req.kv_len += req.extend_len
         second = s._schedule_prefill()  # positions 64..127 over the 64 in the pool
         assert second == [req] and req.kv_len == 64
-        check(*both_ways(engine, second))
+        check(*three_ways(engine, second))
     finally:
         s.args.chunked_prefill_size = old
         s.abort(req.rid)
