@@ -95,6 +95,15 @@ def test_device_hint_drops_gpu_advice_for_a_cpu_log():
     assert r.returncode == 0 and "healthy" in r.stdout
 
 
+def test_doctor_imports_nothing_from_the_engine():
+    """It must run where only a log was copied: no torch, no radixserve module outside radixserve.doctor."""
+    code = ("import sys, radixserve.doctor.__main__; "
+            "bad = [m for m in sys.modules if m == 'torch' or (m.startswith('radixserve.') and "
+            "not m.startswith('radixserve.doctor'))]; print(bad); sys.exit(bool(bad))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def timed(lines: list[tuple[int, str]], tag: str = " TP0") -> str:
     """Log lines at the given second offsets, in radixserve's/SGLang's `[date time TPn] message` form."""
     return "\n".join(f"[2026-12-01 10:{s // 60:02d}:{s % 60:02d}{tag}] {m}" for s, m in sorted(lines)) + "\n"
