@@ -41,10 +41,10 @@ DOCUMENT = {"id": 4217, "name": "Ada Lovelace", "email": "ada@example.org", "rol
             "tags": ["math", "engines", "poetry"], "address": {"city": "London", "zip": "W1 2AB"}, "active": True}
 
 
-def run(batch_sizes: list[int], steps: int | None) -> dict:
+def run(batch_sizes: list[int], steps: int | None, parallel: bool) -> dict:
     tok = load_tokenizer(resolve_model(None))
     vocab = len(tok)
-    backend = LLGuidanceBackend(tok, vocab, [tok.eos_token_id])
+    backend = LLGuidanceBackend(tok, vocab, [tok.eos_token_id], parallel=parallel)
     schema = json.dumps(SCHEMA)
     t0 = time.perf_counter()
     _ = backend.lltok
@@ -87,11 +87,14 @@ def main() -> None:
     ap.add_argument("--batch-sizes", default="1,8,64")
     ap.add_argument("--steps", type=int, default=None, help="Tokens of the document to replay (default: all).")
     ap.add_argument("--output", help="Write the results JSON here.")
+    ap.add_argument("--parallel", action="store_true", help="Fill masks on llguidance's thread pool (what a "
+                    "GPU server does); default: in the calling thread (what a CPU server does).")
     a = ap.parse_args()
-    res = run([int(b) for b in a.batch_sizes.split(",")], a.steps)
+    res = run([int(b) for b in a.batch_sizes.split(",")], a.steps, a.parallel)
     out = {"bench": "grammar", "device": device_name("cpu"), "commit": git_commit(),
            "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine inflates the figures
-           "command": "python -m radixserve.bench.grammar --batch-sizes " + a.batch_sizes, **res}
+           "command": "python -m radixserve.bench.grammar --batch-sizes " + a.batch_sizes
+           + (" --parallel" if a.parallel else ""), "parallel": a.parallel, **res}
     text = json.dumps(out, indent=2)
     print(text)
     if a.output:

@@ -61,14 +61,19 @@ class GrammarBackend(ABC):
     def fill_bitmask(self, matchers: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
         """Write each matcher's allowed tokens into row `i` of the CPU int32 `bitmask`."""
 
+    def warm_up(self) -> object:
+        """Start building whatever the first request would otherwise wait for (in the background)."""
+        return None
+
 
 def bitmask_words(vocab_size: int) -> int:
     return (vocab_size + 31) // 32
 
 
-def create_backend(name: str, tokenizer: object, vocab_size: int, eos_ids: list[int]) -> GrammarBackend:
+def create_backend(name: str, tokenizer: object, vocab_size: int, eos_ids: list[int],
+                   parallel: bool = True) -> GrammarBackend:
     """The backend named by --grammar-backend (only llguidance is built; see grammar/__init__.py)."""
     if name != "llguidance":
         raise ValueError(f"--grammar-backend {name!r}: radixserve implements llguidance only")
     from radixserve.server.grammar.llguidance_backend import LLGuidanceBackend
-    return LLGuidanceBackend(tokenizer, vocab_size, eos_ids)
+    return LLGuidanceBackend(tokenizer, vocab_size, eos_ids, parallel=parallel)

@@ -2,11 +2,13 @@
 
 Compiling builds an LLMatcher once per distinct (kind, text) and keeps it, unconsumed, in an LRU
 cache; every request gets a deep copy of it (microseconds), so a repeated schema costs nothing.
-Building the tokenizer's token trie takes about a second for a 50k vocabulary, so it happens on the
-first constrained request, not at start-up.
+Building the tokenizer's token trie takes about a second for a 50k vocabulary (and the first mask fills
+more lazily built tables): on a GPU server `warm_up` does both in a background thread at start-up (the
+library releases the GIL), on CPU the first constrained request pays it.
 """
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any
 
@@ -15,6 +17,7 @@ import torch
 from radixserve.server.grammar.backend import GrammarBackend, GrammarError, Matcher
 
 CACHE_SIZE = 512
+PARALLEL_MIN_ROWS = 4  # fewer constrained rows than this are filled in the calling thread
 # Compact JSON with OpenAI's separators. The library default lets whitespace run anywhere, and a small
 # model can then spend its whole budget on newlines inside a valid document.
 JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -61,26 +64,44 @@ class LLGuidanceMatcher(Matcher):
 
 
 class LLGuidanceBackend(GrammarBackend):
-    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int], threads: int | None = None) -> None:
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: list[int], threads: int | None = None,
+                 parallel: bool = True) -> None:
         """`vocab_size`: the model's (logits width), which may exceed the tokenizer's; `eos_ids`: every
-        id that ends a request, so a complete grammar lets the model stop with any of them."""
+        id that ends a request, so a complete grammar lets the model stop with any of them. `parallel`:
+        fill a batch's masks on llguidance's thread pool (GPU hosts); off, they are filled one after the
+        other in the calling thread, which is faster where cores are few and busy with the forward (CPU
+        serving: handing work to pool threads then waits for the cores torch's threads hold)."""
         self.tokenizer, self.vocab_size, self.eos_ids, self.threads = tokenizer, vocab_size, eos_ids, threads
+        self.parallel = parallel
         self._lltok: Any = None
         self._executor: Any = None
+        self._init_lock = threading.Lock()
         self.cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.compiled = 0  # cache misses, for tests and stats
 
     @property
     def lltok(self) -> Any:
-        if self._lltok is None:
-            import llguidance
-            import llguidance.hf
-            if self.tokenizer is None:
-                raise GrammarError("constrained decoding needs the model's tokenizer; this model has none")
-            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
-                                                       eos_token=list(self.eos_ids) or None)
-            self._executor = llguidance.LLExecutor(self.threads)
+        with self._init_lock:  # warm_up may be building it in its thread
+            if self._lltok is None:
+                import llguidance
+                import llguidance.hf
+                if self.tokenizer is None:
+                    raise GrammarError("constrained decoding needs the model's tokenizer; this model has none")
+                self._executor = llguidance.LLExecutor(self.threads)
+                self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                                           eos_token=list(self.eos_ids) or None)
         return self._lltok
+
+    def warm_up(self) -> threading.Thread:
+        """Build the token trie and fill one mask in a daemon thread (a no-op without a tokenizer)."""
+        def work() -> None:
+            if self.tokenizer is None:
+                return
+            m = self.matcher("json_schema", '{"type": "object"}')
+            self.fill_bitmask([(m, 0)], torch.full((1, (self.vocab_size + 31) // 32), -1, dtype=torch.int32))
+        t = threading.Thread(target=work, name="grammar-warm-up", daemon=True)
+        t.start()
+        return t
 
     def validate(self, kind: str, text: str) -> None:
         import llguidance
@@ -105,8 +126,14 @@ class LLGuidanceBackend(GrammarBackend):
         return LLGuidanceMatcher(base.deep_copy())
 
     def fill_bitmask(self, matchers: list[tuple[Matcher, int]], bitmask: torch.Tensor) -> None:
-        import llguidance.torch
+        """Through llguidance's raw-pointer calls: its torch helpers module runs torch.compile at import,
+        which costs seconds (and the compile stack's memory) in the scheduler process."""
         _ = self.lltok  # the executor is built with it
+        assert bitmask.dtype == torch.int32 and bitmask.is_contiguous() and not bitmask.is_cuda
         pairs = [(m.m, row) for m, row in matchers if isinstance(m, LLGuidanceMatcher)]
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, pairs, bitmask)
-
+        row_bytes = bitmask.shape[1] * 4
+        if self.parallel and len(pairs) >= PARALLEL_MIN_ROWS:
+            self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), row_bytes, bitmask.shape[0])
+            return
+        for m, row in pairs:
+            m.unsafe_compute_mask_ptr(bitmask[row].data_ptr(), row_bytes)
