@@ -21,14 +21,14 @@ from radixserve.disaggregation.decode_queue import DecodeQueue
 from radixserve.disaggregation.endpoint import DecodeEndpoint, PrefillEndpoint, make_endpoint
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampler import SampleOutput, Sampler
-from radixserve.server.grammar.backend import create_backend
-from radixserve.server.grammar.masks import GrammarMasks
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.scheduler.conservativeness import AutoConservativeness
 from radixserve.scheduler.cache_factory import make_cache
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
+from radixserve.server.grammar.backend import create_backend
+from radixserve.server.grammar.masks import GrammarMasks
 from radixserve.transfer import int64_tensor, to_device
 
 
@@ -95,8 +95,11 @@ class Scheduler:
         self.pd_decode = DecodeQueue(self, endpoint) if isinstance(endpoint, DecodeEndpoint) else None
         self.grammar: GrammarMasks | None = None
         if args.grammar_backend != "none":
-            backend = create_backend(args.grammar_backend, tokenizer, runner.cfg.vocab_size, sorted(self.eos_ids))
+            backend = create_backend(args.grammar_backend, tokenizer, runner.cfg.vocab_size, sorted(self.eos_ids),
+                                     parallel=runner.device.type == "cuda")  # see LLGuidanceBackend
             self.grammar = GrammarMasks(backend, runner.cfg.vocab_size, self.max_running, runner.device)
+            if runner.device.type == "cuda":  # the token trie is built while the server starts, not on a request
+                backend.warm_up()
         # The last decode batch's req_to_token rows on the device, built by _schedule_decode: the same
         # rows receive the step's sampled tokens in runner.last_token.
         self.decode_rows: torch.Tensor | None = None
