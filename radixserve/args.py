@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -74,7 +75,7 @@ class ServerArgs:
     enable_cache_report: bool = False
     enable_request_time_stats_logging: bool = False
     # the API: constrained decoding, tool calls, reasoning, chat templates, where models come from
-    grammar_backend: str = "llguidance"
+    grammar_backend: str | None = None  # llguidance where it is installed, else none
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     chat_template: str | None = None
@@ -201,6 +202,11 @@ class ServerArgs:
                              f"pool (ratio > 1), or give --hicache-size GB")
 
     def check_api(self) -> None:
+        if self.grammar_backend is None:  # a GPU host without the wheel still serves, unconstrained
+            self.grammar_backend = "llguidance" if importlib.util.find_spec("llguidance") else "none"
+        elif self.grammar_backend == "llguidance" and not importlib.util.find_spec("llguidance"):
+            raise ValueError("--grammar-backend llguidance: the llguidance package is not installed; "
+                             "`pip install llguidance`, or pass --grammar-backend none")
         choices = {"grammar_backend": GRAMMAR_BACKENDS, "tool_call_parser": TOOL_CALL_PARSERS,
                    "reasoning_parser": REASONING_PARSERS, "model_source": MODEL_SOURCES}
         for name, allowed in choices.items():
@@ -425,7 +431,7 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--reasoning-parser"], dict(help="Split <think>...</think> text into reasoning_content: qwen3 or "
                                   "deepseek-r1 (whose template opens the think block itself).")),
     (["--grammar-backend"], dict(help="Constrained decoding (response_format, regex, ebnf, forced tool "
-                                 "calls): llguidance (default) or none.")),
+                                 "calls): llguidance (default where it is installed) or none.")),
     (["--log-requests"], dict(action="store_true", help="Log one line per request: its sampling parameters, "
                               "grammar kind and prompt lengths (never the prompt text).")),
     (["--enable-hierarchical-cache"], dict(action="store_true", help="HiCache: pages the device pool evicts keep "
