@@ -17,13 +17,16 @@ from typing import Any
 
 from radixserve.args import ServerArgs
 from radixserve.core import SamplingParams
-from radixserve.server.grammar.backend import GrammarError
 from radixserve.server.reasoning import REASONING_PARSERS, ReasoningParser, ReasoningStream
 from radixserve.server.tokenizer_manager import RequestError
 from radixserve.server.tool_parsers import ToolCall, ToolParser, ToolStream, get_parser, new_call_id
 
 logger = logging.getLogger(__name__)
 VALIDATED_CACHE = 1024
+# apply_chat_template's own parameters: chat_template_kwargs reach the template as variables, not these
+RESERVED_TEMPLATE_KWARGS = {"conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+                            "continue_final_message", "tokenize", "padding", "truncation", "max_length",
+                            "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"}
 
 # Built-in names for --chat-template (a file path or a Jinja string works too).
 BUILTIN_TEMPLATES = {
@@ -146,8 +149,8 @@ class Structured:
                 import llguidance
                 bad, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(grammar_source(kind, text))
                 self.verdicts[key] = (msgs[0] if msgs else "invalid grammar") if bad else None
-            except GrammarError as e:
-                self.verdicts[key] = str(e)
+            except Exception as e:  # GrammarError, or anything the parser raises on hostile input: a 400
+                self.verdicts[key] = str(e) or type(e).__name__
             if len(self.verdicts) > VALIDATED_CACHE:
                 self.verdicts.popitem(last=False)
         error = self.verdicts[key]
@@ -195,7 +198,7 @@ class Structured:
             return None
         out = {}
         for key, value in bias.items():
-            if not key.isdigit() or int(key) >= self.vocab_size:
+            if not (key.isascii() and key.isdigit()) or int(key) >= self.vocab_size:
                 raise RequestError(f"logit_bias key {key!r} is not a token id in [0, {self.vocab_size})",
                                    param="logit_bias")
             out[int(key)] = value
@@ -209,6 +212,10 @@ class Structured:
     def chat_plan(self, body: Any) -> ChatPlan:
         messages = [m.as_dict() for m in body.messages]
         kwargs: dict[str, Any] = dict(body.chat_template_kwargs or {})
+        taken = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+        if taken:
+            raise RequestError(f"chat_template_kwargs must not set {', '.join(taken)}: the server sets those",
+                               param="chat_template_kwargs")
         if self.chat_template is not None:
             kwargs["chat_template"] = self.chat_template
         plan = ChatPlan(messages, kwargs, logit_bias=self.logit_bias(body.logit_bias))

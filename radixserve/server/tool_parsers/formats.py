@@ -132,7 +132,12 @@ class PythonicParser(ToolParser):
 
     def render(self, calls: list[ToolCall]) -> str:
         def call(c: ToolCall) -> str:
-            args = json.loads(c.arguments or "{}")
+            try:
+                args = json.loads(c.arguments or "{}")
+            except ValueError:
+                args = None
+            if not isinstance(args, dict):  # a history may carry anything: show it as it came
+                return f"{c.name}({c.arguments})"
             return f"{c.name}(" + ", ".join(f"{k}={json.dumps(v)}" for k, v in args.items()) + ")"
         return "[" + ", ".join(call(c) for c in calls) + "]"
 
