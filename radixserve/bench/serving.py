@@ -22,7 +22,8 @@ reports both clients' TTFT and ITL, so any overhead of asyncio shows as a differ
 With the server's --enable-metrics the JSON also holds the server's own TTFT/ITL means over the run, and
 with --enable-request-time-stats-logging the first token's time per hop (HTTP receive, tokenize, queue,
 forward, detokenize, SSE write; request_timing.py), from /metrics before and after the run. The server's
-flags (/get_server_info) and the checkout's commit are recorded too.
+flags (/get_server_info) and the checkout's commit are recorded too, and for a server on the same host each
+of its processes' CPU time per generated token (`server_cpu_us_per_token`: can the API server keep up).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import random
 import socket
 import sys
@@ -262,6 +264,29 @@ def server_vocab_size(args: BenchArgs) -> int | None:
         return None
 
 
+def server_pids(args: BenchArgs) -> dict[str, int]:
+    raw = http_get(args, "/get_server_info")
+    try:
+        pids = json.loads(raw).get("pids") if raw else None
+    except ValueError:
+        return {}
+    return pids if isinstance(pids, dict) else {}
+
+
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """utime + stime of each server process, when the server runs on this host (/proc); else nothing."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for role, pid in pids.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[role] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
 def server_flags(args: BenchArgs) -> dict[str, Any] | None:
     """The server's ServerArgs and memory plan (radixserve's /get_server_info), without the live state."""
     raw = http_get(args, "/get_server_info")
@@ -364,6 +389,8 @@ async def benchmark(args: BenchArgs) -> dict[str, Any]:
         if not warm.success:
             raise RuntimeError(f"warm-up request failed: {warm.error}")
     before = scrape(args)
+    pids = server_pids(args)
+    cpu_before = cpu_seconds(pids)
     sem = asyncio.Semaphore(args.max_concurrency or len(work) or 1)
     rng = np.random.default_rng(args.seed)
 
@@ -381,6 +408,10 @@ async def benchmark(args: BenchArgs) -> dict[str, Any]:
     duration = time.perf_counter() - start
     metrics = summarize(results, duration, args, model)
     metrics.update(server_breakdown(before, scrape(args)))
+    cpu_after, tokens = cpu_seconds(pids), metrics["total_output_tokens"]
+    if cpu_before and tokens:  # a server on this host: each process's CPU time per generated token
+        metrics["server_cpu_us_per_token"] = {role: 1e6 * (cpu_after[role] - t) / tokens
+                                              for role, t in cpu_before.items() if role in cpu_after}
     if args.compare_socket_client:
         metrics["client_check"] = await compare_clients(target, bodies[:args.compare_socket_client])
     return metrics
