@@ -16,11 +16,6 @@ run() {
   tar czf "$OUT/fp8_results.tgz" -C "$R" .
 }
 OB="python -m radixserve.bench.one_batch"
-# the working tree's model_runner reads self.piecewise before setting it (another change in flight):
-# set it first, on this copy only
-grep -q "^        self.piecewise = None  # set early" radixserve/engine/model_runner.py || \
-  sed -i 's/^        self.graphs = None$/        self.piecewise = None  # set early\n        self.graphs = None/' \
-  radixserve/engine/model_runner.py
 run 100 python -m pytest -q -x -rf tests/gpu/test_fp8_kernels.py
 run 50 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --output "$R/fp8_bs1_bf16.json"
 run 50 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \

@@ -69,3 +69,19 @@ def test_bad_flags_name_the_choices(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--kv-cache-dtype", "int8"])
     assert "fp8_e4m3" in capsys.readouterr().err
+
+
+def test_fp8_pages_move_through_the_host_tier():
+    """HiCache with an FP8 pool: the host tier holds the pool's own FP8 bytes, and a conversation served back
+    from it decodes exactly like the same FP8 engine without HiCache (tiny device pool: every conversation
+    is evicted before it returns)."""
+    import torch
+
+    from tests.test_hicache_engine import HI, TINY, multi_turn, sched
+    engine = Engine(dataclasses.replace(BASE, kv_cache_dtype="fp8_e4m3", max_total_tokens=2048))
+    hi = sched(engine, **TINY, **HI)
+    got, hi_reqs = multi_turn(engine, hi, turns=2, convs=2)
+    ref, _ = multi_turn(engine, sched(engine, **TINY), turns=2, convs=2)
+    assert got == ref
+    assert hi.cache.host.k[0].dtype == torch.float8_e4m3fn
+    assert sum(r.cached_tokens for r in hi_reqs[2:]) >= 16 and hi.cache.transfer.bytes_loaded > 0
