@@ -5,11 +5,13 @@ finding is the guide's text (shared/seeds/000_*.txt), quoted next to the test.""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -198,7 +200,7 @@ def test_unreadable_source_exit_2(tmp_path: Path):
 def flood(base_url: str, n: int, max_tokens: int) -> None:
     """n concurrent completions of max_tokens each (ignore_eos), so the small pool must retract."""
     import openai
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=300)
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="EMPTY", max_retries=0, timeout=1200)
 
     def one(i: int) -> None:
         client.completions.create(model="default", prompt=f"List the numbers from {i} upwards:", max_tokens=max_tokens,
@@ -213,11 +215,11 @@ def flood(base_url: str, n: int, max_tokens: int) -> None:
 
 @pytest.fixture(scope="module")
 def retracting_server() -> Iterator[Server]:
-    # 320 tokens for 8 requests of ~10 + 48 tokens with conservativeness 0.1: admitted optimistically, they
+    # 200 tokens for 8 requests of ~10 + 40 tokens with conservativeness 0.1: admitted optimistically, they
     # outgrow the pool and are retracted (test_scheduler.py's retraction set-up, over HTTP)
-    with launch_server("--max-total-tokens", "320", "--schedule-conservativeness", "0.1", "--enable-metrics",
+    with launch_server("--max-total-tokens", "200", "--schedule-conservativeness", "0.1", "--enable-metrics",
                        "--decode-log-interval", "5") as s:
-        flood(s.base_url, 8, 48)
+        flood(s.base_url, 8, 40)
         yield s
 
 
@@ -225,14 +227,23 @@ def test_doctor_on_our_server_log(retracting_server: Server, tmp_path: Path):
     log = tmp_path / "server.log"
     log.write_text(retracting_server.log())
     ev = parse_log(log.read_text())
-    assert ev.decode and ev.prefill and ev.retractions and ev.memory["max_total_num_tokens"] == 320
+    assert ev.decode and ev.prefill and ev.retractions and ev.memory["max_total_num_tokens"] == 200
     assert ev.settings.get("device") == "cpu" and ev.settings.get("schedule_conservativeness") == 0.1
     r = doctor(str(log), "--json")
     out = json.loads(r.stdout)
     found = {f["id"]: f for f in out["findings"]}
-    assert r.returncode == 1 and "frequent_retractions" in found, r.stdout
-    assert found["frequent_retractions"]["change"][0] == "--schedule-conservativeness 1.3 (now 0.1)"
-    assert out["summary"]["retractions"] == len(ev.retractions) >= 2
+    # the rate against the guide's ~1 per minute, recomputed here from the log's own timestamps (on a loaded
+    # machine the same workload spreads over more minutes, so either verdict can be right)
+    text = log.read_text()
+    stamps = [datetime.fromisoformat(m) for m in re.findall(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", text, re.M)]
+    n = text.count("KV cache pool is full. Retract requests.")
+    rate = n / max((stamps[-1] - stamps[0]).total_seconds(), 60) * 60
+    assert out["summary"]["retractions"] == len(ev.retractions) == n >= 1
+    assert out["summary"]["retractions_per_min"] == round(rate, 2)
+    assert ("frequent_retractions" in found) == (rate > 1.0), r.stdout
+    if rate > 1.0:
+        assert r.returncode == 1
+        assert found["frequent_retractions"]["change"][0] == "--schedule-conservativeness 1.3 (now 0.1)"
     assert "memory_left_unused" not in found and "cuda_graph_coverage" not in found  # CPU: no GPU advice
 
 
@@ -240,11 +251,11 @@ def test_doctor_on_live_url(retracting_server: Server):
     r = doctor(retracting_server.base_url, "--json", "--duration", "1", "--interval", "0.5")
     out = json.loads(r.stdout)
     assert "schedule_conservativeness" in out["settings_seen"] and "device" in out["settings_seen"]
-    assert out["summary"]["memory"]["max_total_num_tokens"] == 320
+    assert out["summary"]["memory"]["max_total_num_tokens"] == 200
     assert out["summary"]["decode_lines"] == 0  # idle now: an idle server is no load sample
     assert r.returncode == (1 if out["findings"] else 0)
     # under load: samples are taken while requests run
-    t = threading.Thread(target=flood, args=(retracting_server.base_url, 4, 64))
+    t = threading.Thread(target=flood, args=(retracting_server.base_url, 4, 40))
     t.start()
     try:
         r = doctor(retracting_server.base_url, "--json", "--duration", "4", "--interval", "0.5")
