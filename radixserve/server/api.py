@@ -196,7 +196,7 @@ def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> 
     async def models() -> Response:
         return json_response(openai_api.models())
 
-    @app.get("/v1/models/{model_id:path}")  # :path: hub ids have a slash (meta-llama/Llama-3.1-8B)
+    @app.get("/v1/models/{model_id:path}", responses=_error_responses(404))  # :path: hub ids have a slash (meta-llama/Llama-3.1-8B)
     async def model(model_id: str) -> Response:
         return json_response(openai_api.model_card(model_id))
 
@@ -226,7 +226,7 @@ def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> 
     for path, fn in (("/model_info", get_model_info), ("/get_model_info", get_model_info),
                      ("/server_info", get_server_info), ("/get_server_info", get_server_info),
                      ("/get_load", get_load)):
-        app.get(path, operation_id=path[1:])(fn)
+        app.get(path, operation_id=path[1:], responses=CONTROL_ERRORS)(fn)
 
     flush_doc = {200: {"content": {"text/plain": {}}, "description": "Flushed (SGLang's plain-text answer)."},
                  400: {"content": {"text/plain": {}}, "description": "Not flushed: requests are running."},
