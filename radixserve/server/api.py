@@ -196,7 +196,8 @@ def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> 
     async def models() -> Response:
         return json_response(openai_api.models())
 
-    @app.get("/v1/models/{model_id:path}", responses=_error_responses(404))  # :path: hub ids have a slash (meta-llama/Llama-3.1-8B)
+    # :path: hub ids have a slash (meta-llama/Llama-3.1-8B)
+    @app.get("/v1/models/{model_id:path}", responses=_error_responses(404))
     async def model(model_id: str) -> Response:
         return json_response(openai_api.model_card(model_id))
 
