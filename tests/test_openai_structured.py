@@ -172,7 +172,7 @@ def test_langchain_structured_output_and_tools(server: Server) -> None:
     hot = langchain_openai.ChatOpenAI(base_url=server.base_url + "/v1", api_key="none", model="default",
                                       temperature=1, max_tokens=80, timeout=900, seed=5)
     assert isinstance(hot.with_structured_output(City, method="json_schema").invoke("Describe Rome."), City)
-    obj = llm.with_structured_output(None, method="json_mode").invoke("Describe Paris as a JSON object.")
+    obj = llm.with_structured_output(None, method="json_mode").invoke("Describe Paris as JSON.")
     assert isinstance(obj, dict)
     msg = llm.bind_tools([WEATHER], tool_choice="get_weather").invoke("Weather in Paris?")
     (call,) = msg.tool_calls
