@@ -22,8 +22,8 @@ from radixserve.disaggregation.endpoint import DecodeEndpoint, PrefillEndpoint, 
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.sampler import SampleOutput, Sampler
 from radixserve.kvcache.allocator import PageAllocator
-from radixserve.scheduler.conservativeness import AutoConservativeness
 from radixserve.scheduler.cache_factory import make_cache
+from radixserve.scheduler.conservativeness import AutoConservativeness
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats

@@ -205,12 +205,13 @@ def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> 
     async def generate(body: GenerateRequest, request: Request) -> Response:
         return await native.generate(body, request)
 
-    @app.get("/health", responses={200: {"description": "Serving."},
+    @app.get("/health", response_class=Response, responses={200: {"description": "Serving."},
                                    503: {"description": "Shutting down, or a server process died."}})
     async def health() -> Response:
         return Response(status_code=503 if tm.dead or tm.draining else 200)
 
-    @app.get("/health_generate", responses={200: {"description": "A token was generated."}, **CONTROL_ERRORS})
+    @app.get("/health_generate", response_class=Response,
+             responses={200: {"description": "A token was generated."}, **CONTROL_ERRORS})
     async def health_generate() -> Response:
         return await native.health_generate()
 
