@@ -254,7 +254,8 @@ def create_app(tm: TokenizerManager, args: ServerArgs, pids: dict[str, int]) -> 
     if args.enable_metrics:  # not routed at all otherwise: /metrics is a 404 like any unknown path
         metrics = tm.metrics
 
-        @app.get("/metrics")
+        @app.get("/metrics", response_class=Response, responses={200: {
+            "content": {"text/plain": {}}, "description": "Prometheus' text exposition format."}})
         async def prometheus_metrics() -> Response:
             return Response(metrics.render(await tm.get_info()), media_type=CONTENT_TYPE_LATEST)
 
