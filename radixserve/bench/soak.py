@@ -93,19 +93,25 @@ def make_request(rng: random.Random, a: SoakArgs) -> tuple[str, Any, bool, int]:
     return "/v1/completions", {"prompt": words, **common}, stream, n
 
 
+def refused(status: int, body: bytes, path: str, t: Tally) -> bool:
+    """A valid request that did not get a 200: a 5xx counts as a server error, anything else as lost."""
+    if status == 200:
+        return False
+    if status >= 500:
+        t.server_errors += 1
+    else:
+        t.lost += 1
+    t.problem(f"{status} on a valid request {path}: {body[:200]!r}")
+    return True
+
+
 async def one_valid(client: httpx.AsyncClient, path: str, body: dict, stream: bool, n: int, cancel_after: int | None,
                     t: Tally) -> None:
     content = json.dumps(body)
     try:
         if not stream:
             r = await client.post(path, content=content)
-            if r.status_code >= 500:
-                t.server_errors += 1
-                t.problem(f"{r.status_code} {path}: {r.text[:200]}")
-                return
-            if r.status_code != 200:
-                t.lost += 1
-                t.problem(f"{r.status_code} on a valid request {path}: {r.text[:200]}")
+            if refused(r.status_code, r.content, path, t):
                 return
             data = r.json()
             if len(data["choices"]) != n or any(c["finish_reason"] is None for c in data["choices"]):
@@ -116,13 +122,7 @@ async def one_valid(client: httpx.AsyncClient, path: str, body: dict, stream: bo
             t.output_tokens += data["usage"]["completion_tokens"]
             return
         async with client.stream("POST", path, content=content) as r:
-            if r.status_code >= 500:
-                t.server_errors += 1
-                t.problem(f"{r.status_code} {path} (stream): {(await r.aread())[:200]!r}")
-                return
-            if r.status_code != 200:
-                t.lost += 1
-                t.problem(f"{r.status_code} on a valid stream {path}: {(await r.aread())[:200]!r}")
+            if r.status_code != 200 and refused(r.status_code, await r.aread(), path + " (stream)", t):
                 return
             finished, chunks, done = set(), 0, False
             async for line in r.aiter_lines():
