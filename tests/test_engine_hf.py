@@ -116,7 +116,7 @@ def test_logits_close_to_hf(engine, prompts, hf_model):
 def test_offline_api_chat(engine):
     from radixserve import LLM
     llm = LLM.__new__(LLM)  # reuse the loaded engine: LLM() itself is exercised by the docs command
-    llm.args, llm.engine, llm.tokenizer = engine.args, engine, engine.tokenizer
+    llm.args, llm.engine, llm.tokenizer, llm.ranks = engine.args, engine, engine.tokenizer, None
     out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
                    SamplingParams(temperature=0, max_new_tokens=24))[0]
     assert "Paris" in out.text and out.finish_reason == "stop" and out.prompt_tokens > 10
