@@ -3,6 +3,8 @@ plain run token for token, its prompt's KV came over TCP, and with --disaggregat
 its finished KV lands in the HiCache file tier."""
 from __future__ import annotations
 
+import time
+
 from conftest import free_port
 
 from radixserve.args import ServerArgs
@@ -27,12 +29,12 @@ def test_prefill_to_decode_engines(tmp_path) -> None:
     on_p, on_d = Req(list(ids), sp, bootstrap=info), Req(list(ids), sp, bootstrap=info)
     decode.scheduler.add_request(on_d)
     prefill.scheduler.add_request(on_p)
-    for _ in range(10_000):
-        if on_d.finished and on_p.finished:
-            break
+    deadline = time.monotonic() + 120  # the KV travels on a transfer thread: wait for it, not for a step count
+    while not (on_d.finished and on_p.finished) and time.monotonic() < deadline:
         for e in (prefill, decode):
             if e.scheduler.has_work:
                 e.scheduler.step()
+        time.sleep(0.001)
     assert on_p.finished and on_p.output_ids == plain.output_ids[:1]  # the prefill side stops at the first token
     assert on_d.output_ids == plain.output_ids
     assert decode.scheduler.pd_decode.bytes_total == len(ids) * 46080  # 30 layers x K,V x 3 heads x 64 x fp32
