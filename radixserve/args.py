@@ -39,6 +39,7 @@ class ServerArgs:
     page_size: int = 1
     cache: str = "radix"
     kv_cache_dtype: str = "auto"
+    cpu_weight_dtype: str = "auto"
     # scheduling
     max_running_requests: int | None = None
     chunked_prefill_size: int | None = None
@@ -135,6 +136,8 @@ class ServerArgs:
         if self.kv_cache_dtype not in KV_CACHE_DTYPE_CHOICES:
             raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: choose one of "
                              f"{', '.join(KV_CACHE_DTYPE_CHOICES)}")
+        if self.cpu_weight_dtype not in CPU_WEIGHT_DTYPES:
+            raise ValueError(f"--cpu-weight-dtype {self.cpu_weight_dtype!r}: choose one of {', '.join(CPU_WEIGHT_DTYPES)}")
         self.check_api()
         if self.max_request_body_mb <= 0:
             raise ValueError(f"--max-request-body-mb must be > 0, got {self.max_request_body_mb}")
@@ -292,7 +295,8 @@ class ServerArgs:
 
 
 QUANTIZATION_CHOICES = ("fp8",)  # layers/quantization QUANT_CONFIGS (args stays import-light)
-KV_CACHE_DTYPE_CHOICES = ("auto", "fp8_e4m3", "fp8_e5m2")  # kvcache/pool KV_CACHE_DTYPES
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8_e4m3", "fp8_e5m2")
+CPU_WEIGHT_DTYPES = ("auto", "float32", "float16")  # layers/quantization.cpu_weight_config  # kvcache/pool KV_CACHE_DTYPES
 GRAMMAR_BACKENDS = ("llguidance", "none")
 TOOL_CALL_PARSERS = ("llama3", "qwen25", "hermes", "mistral", "pythonic")
 REASONING_PARSERS = ("qwen3", "deepseek-r1")
@@ -347,6 +351,12 @@ _FLAGS: list[tuple[list[str], dict]] = [
                                 "per value: twice the tokens of bf16 in the same memory, 4x float32 on CPU; a "
                                 "per-layer scale from the checkpoint's k_scale/v_scale, else 1.0). e4m3 keeps "
                                 "more precision, e5m2 more range.")),
+    (["--cpu-weight-dtype"], dict(help="CPU only: how the decoder's linear layers and the LM head store their "
+                                  "weights when the model runs in float32. float16: packed for FBGEMM's fp16 "
+                                  "GEMM (float32 activations and sums), half the bytes a decode step reads and "
+                                  "~3x faster on AVX2 CPUs, logits within ~1e-2 of float32. float32: exact. "
+                                  "auto (default): float16 where torch has FBGEMM (x86), else float32. The "
+                                  "start-up line says what was chosen.")),
     (["--max-running-requests"], dict(type=int, help="Max requests decoding at once.")),
     (["--chunked-prefill-size", "--max-prefill-length"], dict(type=int, dest="chunked_prefill_size",
                                                               help="Max prompt tokens computed per step; "

@@ -26,7 +26,7 @@ CHAT = ["What is the capital of France?", "Write a haiku about the sea.", "Expla
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(ServerArgs(device="cpu", max_total_tokens=8192, seed=0))
+    return Engine(ServerArgs(device="cpu", max_total_tokens=8192, seed=0, cpu_weight_dtype="float32"))
 
 
 @pytest.fixture(scope="module")

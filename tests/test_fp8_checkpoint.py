@@ -93,7 +93,7 @@ def write_fp8_checkpoint(path: str, scheme: str, seed: int = 0, kv_scales: bool 
 
 
 def make_runner(path: str, **kw) -> ModelRunner:
-    args = ServerArgs(model=path, device="cpu", max_total_tokens=1024, **kw)
+    args = ServerArgs(model=path, device="cpu", max_total_tokens=1024, cpu_weight_dtype="float32", **kw)
     return ModelRunner(args, resolve_model(path))
 
 

@@ -24,7 +24,7 @@ HI = dict(enable_hierarchical_cache=True, hicache_ratio=8)
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(ServerArgs(device="cpu", max_total_tokens=2048, seed=0))
+    return Engine(ServerArgs(device="cpu", max_total_tokens=2048, seed=0, cpu_weight_dtype="float32"))
 
 
 def sched(engine: Engine, **changes) -> Scheduler:

@@ -56,7 +56,7 @@ def test_hub_id_resolves_from_the_cache(offline: str) -> None:
 
 
 def test_hub_model_serves_under_its_id(offline: str) -> None:
-    args = ServerArgs(model="tiny-org/tiny-llama", device="cpu", max_total_tokens=512)
+    args = ServerArgs(model="tiny-org/tiny-llama", device="cpu", max_total_tokens=512, cpu_weight_dtype="float32")
     resolve_hub_model(args)  # what the launcher does before starting any process
     assert args.served_model_name == "tiny-org/tiny-llama" and os.path.isdir(args.model)
     engine = Engine(args)

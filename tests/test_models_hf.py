@@ -76,7 +76,8 @@ def _run_ours(path: str, prompts: list[list[int]], rounds: int = 1,
               **args) -> tuple[list[list[list[int]]], list, list[int]]:
     """Greedy tokens of `prompts` in one batch per round (a later round hits the radix cache), every
     step's logits as (round, prompt index, position, logits row), and each round's cached prompt tokens."""
-    sargs = ServerArgs(model=path, device="cpu", dtype="float32", max_total_tokens=4096, **args)
+    sargs = ServerArgs(model=path, device="cpu", dtype="float32", max_total_tokens=4096, cpu_weight_dtype="float32",
+                       **args)
     runner = ModelRunner(sargs, resolve_model(path))
     sched = Scheduler(sargs, runner, tokenizer=None)
     steps: list = []

@@ -19,7 +19,7 @@ SP = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(ServerArgs(device="cpu", max_total_tokens=8192, seed=0))
+    return Engine(ServerArgs(device="cpu", max_total_tokens=8192, seed=0, cpu_weight_dtype="float32"))
 
 
 def sched(engine: Engine, **changes) -> Scheduler:

@@ -91,10 +91,15 @@ def model_costs(engine) -> dict[str, int]:
     m, pool = engine.runner.model, engine.runner.kv_pool
     emb, head, attn = m.model.embed_tokens.weight, m.lm_head.weight, m.model.layers[0].self_attn.attn
     gathered = 0 if emb is head else emb.numel()  # an untied embedding table is only gathered, never multiplied
+    # packed weights (--cpu-weight-dtype float16) are not parameters: count the layers whose parameter they
+    # replaced; a packed tied head multiplies with its fp16 copy, so its fp32 table is only gathered from
+    dropped = sum(mod.packed_nbytes // 2 for mod in m.modules()
+                  if getattr(mod, "packed_nbytes", 0) and getattr(mod, "weight", None) is None)
+    only_gathered = gathered if not getattr(m.lm_head, "packed_nbytes", 0) else emb.numel()
     k = pool.k[0]  # [slots, kv heads of this rank, head_dim]
-    cost = {"body_params": sum(p.numel() for p in m.parameters()) - gathered - head.numel(),
+    cost = {"body_params": sum(p.numel() for p in m.parameters()) + dropped - gathered - head.numel(),
             "head_params": head.numel(),
-            "weight_bytes_read": engine.runner.weight_bytes - gathered * emb.element_size(),
+            "weight_bytes_read": engine.runner.weight_bytes - only_gathered * emb.element_size(),
             "kv_bytes_per_token": KVPool.bytes_per_token(len(pool.k), k.shape[1], k.shape[2], k.dtype),
             "num_layers": len(pool.k), "num_heads": attn.num_heads, "head_dim": attn.head_dim}
     experts = [layer.mlp.experts for layer in m.model.layers if hasattr(layer.mlp, "experts")]

@@ -21,7 +21,7 @@ from radixserve.engine.piecewise import PiecewiseRunner, padding_batch
 from radixserve.forward_batch import ForwardBatch
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool, is_fp8, kv_cache_dtype
 from radixserve.layers.attention import FORWARD_CONTEXT
-from radixserve.layers.quantization import resolve_quant_config
+from radixserve.layers.quantization import model_weight_bytes, resolve_quant_config
 from radixserve.models.config import ModelConfig
 from radixserve.models.registry import build_model
 from radixserve.transfer import int64_tensor, to_device
@@ -69,7 +69,8 @@ class ModelRunner:
         self.dtype = args.torch_dtype
         self.cfg = model_config or load_config(src)
         self.cfg.quant = resolve_quant_config(args.quantization, self.cfg.hf_config, self.device,
-                                              use_checkpoint=args.load_format != "dummy")
+                                              use_checkpoint=args.load_format != "dummy",
+                                              cpu_weight_dtype=args.cpu_weight_dtype, dtype=self.dtype)
         self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.context_len = context_length(args, self.cfg)
         t0 = time.perf_counter()
@@ -84,7 +85,7 @@ class ModelRunner:
         self.model.eval()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # weights quantized at load leave their 16-bit copies in the cache
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.weight_bytes = model_weight_bytes(self.model)
         logger.info("Loaded %s (%s, %.2f GB; linear layers: %s) in %.1f s", src.name, self.cfg.architecture,
                     self.weight_bytes / GB, self.cfg.quant.describe() if self.cfg.quant else "unquantized",
                     time.perf_counter() - t0)

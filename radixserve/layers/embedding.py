@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radixserve.distributed.group import TPGroup
+from radixserve.layers.quantization.base import LinearMethod, QuantConfig
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -32,8 +33,15 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits over the full vocabulary: local slice, all-gathered, padding cut off."""
+    """Logits over the full vocabulary: local slice, all-gathered, padding cut off. A quantization scheme
+    may give the head its own method (`QuantConfig.lm_head_method`: packed fp16 on CPU); by default it
+    multiplies with the parameter as it is."""
+
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup, quant: QuantConfig | None = None) -> None:
+        super().__init__(vocab_size, hidden, tp)
+        self.quant_method: LinearMethod | None = quant.lm_head_method() if quant else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, self.weight))
-        return logits[..., : self.vocab_size]
+        local = (F.linear(hidden, self.weight) if self.quant_method is None
+                 else self.quant_method.apply(self, hidden, None))
+        return self.tp.all_gather_last_dim(local)[..., : self.vocab_size]

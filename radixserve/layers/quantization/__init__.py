@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from radixserve.layers.quantization.base import LinearMethod, QuantConfig
+from radixserve.layers.quantization.cpu_fp16 import CpuFp16Config, cpu_fp16_available, model_weight_bytes
 from radixserve.layers.quantization.fp8 import Fp8Config, fp8_supported
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,34 @@ def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
     return q if isinstance(q, dict) else q.to_dict()
 
 
+def cpu_weight_config(cpu_weight_dtype: str, device: torch.device, dtype: torch.dtype) -> QuantConfig | None:
+    """--cpu-weight-dtype: packed float16 weights for a float32 model on an x86 CPU (cpu_fp16.py says why),
+    or None (weights stay in the model dtype). Logs what was chosen and why."""
+    if device.type != "cpu" or cpu_weight_dtype == "float32":
+        return None
+    if cpu_weight_dtype == "float16":
+        if not cpu_fp16_available():
+            raise ValueError("--cpu-weight-dtype float16 needs torch with FBGEMM (an x86 build); this torch has "
+                             f"{torch.backends.quantized.supported_engines}: use --cpu-weight-dtype float32")
+        if dtype != torch.float32:
+            raise ValueError(f"--cpu-weight-dtype float16 runs float32 activations; the model dtype is {dtype}: "
+                             "pass --dtype float32 (or leave it out on CPU)")
+        logger.info("CPU linear layers: float16 weights packed for FBGEMM (--cpu-weight-dtype float16)")
+        return CpuFp16Config()
+    if dtype != torch.float32 or not cpu_fp16_available():
+        return None
+    logger.info("CPU linear layers: float16 weights packed for FBGEMM, float32 activations (--cpu-weight-dtype "
+                "auto: this %s CPU streams half the bytes per decode step, ~3x faster than float32 GEMV; "
+                "--cpu-weight-dtype float32 for exact float32)", torch.backends.cpu.get_cpu_capability())
+    return CpuFp16Config()
+
+
 def resolve_quant_config(flag: str | None, hf_config: Any, device: torch.device,
-                         use_checkpoint: bool = True) -> QuantConfig | None:
+                         use_checkpoint: bool = True, cpu_weight_dtype: str = "float32",
+                         dtype: torch.dtype = torch.float32) -> QuantConfig | None:
     """The scheme for this model on this device, or None (unquantized). use_checkpoint False (dummy
-    weights): the checkpoint's own quantization_config is ignored, random weights are 16/32-bit."""
+    weights): the checkpoint's own quantization_config is ignored, random weights are 16/32-bit. With no
+    flag and no checkpoint scheme, a CPU may still pack its weights (`cpu_weight_config`)."""
     ckpt = checkpoint_quant_config(hf_config) if use_checkpoint else None
     method = ckpt.get("quant_method") if ckpt else None
     if flag is not None and flag not in QUANT_CONFIGS:
@@ -49,7 +74,7 @@ def resolve_quant_config(flag: str | None, hf_config: Any, device: torch.device,
                            "dequantized to the model dtype at load (no memory saving)", method)
         return QUANT_CONFIGS[method](ckpt, native=native)
     if flag is None:
-        return None
+        return cpu_weight_config(cpu_weight_dtype, device, dtype)
     if not fp8_supported(device):
         raise ValueError(f"--quantization {flag} needs FP8 matmul: a GPU of compute capability >= 8.9 (Ada, "
                          f"Hopper) or --device cpu; drop the flag on this GPU")
@@ -66,4 +91,4 @@ def process_weights_after_loading(model: nn.Module) -> None:
 
 
 __all__ = ["QUANTIZATION_CHOICES", "QUANT_CONFIGS", "LinearMethod", "QuantConfig", "checkpoint_quant_config",
-           "process_weights_after_loading", "resolve_quant_config"]
+           "cpu_weight_config", "model_weight_bytes", "process_weights_after_loading", "resolve_quant_config"]

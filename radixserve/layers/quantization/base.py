@@ -79,7 +79,11 @@ class QuantConfig(ABC):
 
     @abstractmethod
     def linear_method(self) -> LinearMethod:
-        """The method every TP linear layer of the decoder uses (embedding and LM head stay unquantized)."""
+        """The method every TP linear layer of the decoder uses (the embedding stays unquantized)."""
+
+    def lm_head_method(self) -> LinearMethod | None:
+        """The LM head's method; None (the default) keeps it in the model dtype."""
+        return None
 
     def describe(self) -> str:
         return self.linear_method().description

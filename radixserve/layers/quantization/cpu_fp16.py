@@ -1,0 +1,84 @@
+"""Half-size weights for CPU decoding: float16 weights packed for FBGEMM, float32 activations and sums.
+
+Why: a CPU decode step is bound by the bytes of weight it streams from memory, and the float32 GEMV
+behind `F.linear` reaches a third of the memory bandwidth (8 GB/s of 27 on the 2-core AVX2 test
+machine). A CPU without AVX512-BF16 or AMX has no fast bfloat16 matmul (`--dtype bfloat16` runs 10x
+slower per matmul there), but FBGEMM's fp16 GEMM (`quantized::linear_dynamic_fp16`) converts fp16 to
+fp32 in registers: half the bytes, and 3x faster than float32 per decode step
+(`python -m radixserve.bench.cpu_linear`, benchmarks/results/cpu_linear_*.json). Rounding the weights
+to float16 costs ~5e-4 relative error per weight; logits move by ~1e-2 (tests/test_cpu_fp16.py states
+the tolerance). `--cpu-weight-dtype float32` keeps the exact float32 path (what the HF-parity tests run).
+
+The packed weight is an opaque FBGEMM object, not a parameter: `packed_nbytes` on the layer says how
+big it is, for memory plans and rooflines (`model_weight_bytes`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from radixserve.layers.quantization.base import LinearMethod, QuantConfig
+from radixserve.layers.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from radixserve.layers.linear import LinearBase
+
+
+def cpu_fp16_available() -> bool:
+    """FBGEMM (x86 builds of torch) carries the fp16 GEMM; ARM builds (QNNPACK only) do not."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def pack_fp16(weight: torch.Tensor) -> torch.ScriptObject:
+    return torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), None)
+
+
+def apply_packed(packed: torch.ScriptObject, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    shape = x.shape
+    y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]).float(), packed)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+
+
+class CpuFp16LinearMethod(UnquantizedLinearMethod):
+    """Loads like the plain matrix (the same parameter, sliced the same way), then packs it and drops the
+    float32 copy. `keep_weight`: the packed copy sits beside the parameter (a tied LM head, whose weight
+    is also the embedding table the first layer looks rows up in)."""
+
+    description = "float16 weights (FBGEMM), float32 activations"
+
+    def __init__(self, keep_weight: bool = False) -> None:
+        self.keep_weight = keep_weight
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        w = layer.weight
+        layer.packed_weight = pack_fp16(w.data)
+        layer.packed_nbytes = w.numel() * 2
+        if not self.keep_weight:
+            del layer.weight
+            layer.register_parameter("weight", None)
+
+    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return apply_packed(layer.packed_weight, x, bias)
+
+
+class CpuFp16Config(QuantConfig):
+    """Chosen by `--cpu-weight-dtype` (auto on an x86 CPU with a float32 model), never by a checkpoint."""
+
+    name = "cpu_fp16"
+
+    def linear_method(self) -> LinearMethod:
+        return CpuFp16LinearMethod()
+
+    def lm_head_method(self) -> LinearMethod:
+        return CpuFp16LinearMethod(keep_weight=True)
+
+
+def model_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every weight the model holds: its parameters plus packed copies that are not parameters."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return params + sum(getattr(m, "packed_nbytes", 0) for m in model.modules())

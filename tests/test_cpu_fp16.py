@@ -1,0 +1,81 @@
+"""--cpu-weight-dtype float16 (the CPU default where torch has FBGEMM) against the exact float32 engine on
+the bundled model: the reference is our float32 path, which tests/test_engine_hf.py holds equal to HF
+transformers. Tolerances (measured on SmolLM2-135M Q4_1, 3 prompts): logits within 0.1 absolute (the
+largest difference seen was 0.034), the same greedy tokens for 24 steps."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from radixserve.args import ServerArgs
+from radixserve.core import Req, SamplingParams
+from radixserve.engine_unit import Engine
+from radixserve.layers.quantization import cpu_weight_config
+from radixserve.layers.quantization.cpu_fp16 import cpu_fp16_available
+
+pytestmark = pytest.mark.skipif(not cpu_fp16_available(), reason="this torch has no FBGEMM (not an x86 build)")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+STEPS = 24
+LOGIT_ATOL = 0.1
+
+
+def run(engine: Engine) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens of PROMPTS in one batch, and the logits of every step (row per request)."""
+    logits: list[torch.Tensor] = []
+    forward = engine.runner.forward
+
+    def recording(reqs, is_decode, **kw):
+        out = forward(reqs, is_decode, **kw)
+        logits.append(out.clone())
+        return out
+
+    engine.runner.forward = recording
+    try:
+        sp = SamplingParams(temperature=0, max_new_tokens=STEPS, ignore_eos=True)
+        reqs = [Req(engine.tokenizer.encode(p), sp) for p in PROMPTS]
+        done = engine.run_to_completion(reqs)
+    finally:
+        engine.runner.forward = forward
+    return [list(r.output_ids) for r in done], logits
+
+
+@pytest.fixture(scope="module")
+def engines():
+    exact = Engine(ServerArgs(device="cpu", max_total_tokens=1024, cpu_weight_dtype="float32"))
+    half = Engine(ServerArgs(device="cpu", max_total_tokens=1024))  # auto: float16 on x86
+    return exact, half
+
+
+def test_float16_weights_track_float32(engines) -> None:
+    exact, half = engines
+    tokens32, logits32 = run(exact)
+    tokens16, logits16 = run(half)
+    assert tokens16 == tokens32
+    assert len(logits16) == len(logits32)
+    worst = max((a - b).abs().max().item() for a, b in zip(logits32, logits16))
+    assert worst <= LOGIT_ATOL, worst
+
+
+def test_packed_layers_drop_the_float32_copy(engines) -> None:
+    exact, half = engines
+    layer = half.runner.model.model.layers[0]
+    assert layer.self_attn.qkv_proj.weight is None and layer.mlp.down_proj.weight is None
+    assert exact.runner.model.model.layers[0].mlp.down_proj.weight.dtype == torch.float32
+    # linear layers and head at 2 bytes a weight; the float32 embedding table stays for lookups
+    assert half.runner.weight_bytes < 0.75 * exact.runner.weight_bytes
+
+
+def test_choice_is_logged_and_checked(caplog) -> None:
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.INFO):
+        assert cpu_weight_config("auto", cpu, torch.float32) is not None
+    assert "--cpu-weight-dtype auto" in caplog.text and "float16 weights packed for FBGEMM" in caplog.text
+    assert cpu_weight_config("float32", cpu, torch.float32) is None
+    assert cpu_weight_config("auto", cpu, torch.bfloat16) is None  # a bf16 model keeps its weights
+    with pytest.raises(ValueError, match="--dtype float32"):
+        cpu_weight_config("float16", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="--cpu-weight-dtype"):
+        ServerArgs(device="cpu", cpu_weight_dtype="int3")
