@@ -25,7 +25,7 @@ OUTPUT_LEN = 12
 TOL = {"fp8_weights": (0.75, 3, 0.05), "fp8_kv": (0.75, 3, 0.05), "fp8_both": (0.75, 3, 0.08)}
 CHANGES = {"fp8_weights": dict(quantization="fp8"), "fp8_kv": dict(kv_cache_dtype="fp8_e4m3"),
            "fp8_both": dict(quantization="fp8", kv_cache_dtype="fp8_e4m3")}
-BASE = ServerArgs(device="cpu", max_total_tokens=1024, seed=0)
+BASE = ServerArgs(device="cpu", max_total_tokens=1024, seed=0, cpu_weight_dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -44,14 +44,24 @@ class TorchAttentionBackend:
     def forward(self, q: torch.Tensor, layer: Attention, fb: ForwardBatch) -> torch.Tensor:
         m: TorchAttnMeta = fb.attn_meta
         B, H, D = fb.batch_size, layer.num_heads, layer.head_dim
+        if fb.max_extend_len == 1 and not layer.sliding_window:
+            return self._decode(q, layer, fb)
         qp = q.new_zeros(B, fb.max_extend_len, H, D)
         qp[m.token_req, m.token_off] = q
         k, v = fb.kv_pool.load(layer.layer_id, m.kv_slots, q.dtype)  # [B, max_kv, KVH, D], FP8 scales applied
         mask = m.mask
         if layer.sliding_window:
             mask = mask & (m.key_pos[:, None, :] > m.query_pos[:, :, None] - layer.sliding_window)[:, None]
-        rep = H // layer.num_kv_heads
-        out = F.scaled_dot_product_attention(
-            qp.transpose(1, 2), k.transpose(1, 2).repeat_interleave(rep, 1),
-            v.transpose(1, 2).repeat_interleave(rep, 1), attn_mask=mask, scale=layer.scale)
+        out = F.scaled_dot_product_attention(qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, scale=layer.scale, enable_gqa=True)
         return out.transpose(1, 2)[m.token_req, m.token_off]
+
+    def _decode(self, q: torch.Tensor, layer: Attention, fb: ForwardBatch) -> torch.Tensor:
+        """One new token per request (token i is request i's): no query padding, and no mask at all for a
+        single request (every key up to its own is valid), which lets SDPA take its unmasked kernel."""
+        m: TorchAttnMeta = fb.attn_meta
+        k, v = fb.kv_pool.load(layer.layer_id, m.kv_slots, q.dtype)  # [B, max_kv, KVH, D]
+        mask = None if fb.batch_size == 1 else m.mask[:, :, :1]  # [B, 1, 1, max_kv]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask, scale=layer.scale, enable_gqa=True)
+        return out.squeeze(2)

@@ -41,6 +41,9 @@ def _use_triton(t: torch.Tensor) -> bool:
 def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     if residual is not None:
         x = x + residual
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:  # torch's fused kernel: one op, not five
+        out = F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return out if residual is None else (out, x)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     out = (weight * xf.to(x.dtype)) if x.dtype != torch.float32 else weight * xf
@@ -251,10 +254,11 @@ def rotary_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     v / v_scale, saturated: KVPool.encode), i.e. rotary + KVPool.store in one pass. k itself is left
     unrotated (the attention kernels read K from the cache only). Returns q_out."""
     q_out = q if q_out is None else q_out
-    if not _use_triton(q):
+    if not _use_triton(q):  # q and k rotated as one tensor: on CPU each op costs microseconds of dispatch
         cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        q_out.copy_(_rotate_ref(q, cos, sin))
-        k_cache[slots] = _cache_ref(_rotate_ref(k, cos, sin), k_scale, k_cache.dtype)
+        rotated = _rotate_ref(torch.cat([q, k], dim=1), cos, sin)
+        q_out.copy_(rotated[:, :q.shape[1]])
+        k_cache[slots] = _cache_ref(rotated[:, q.shape[1]:], k_scale, k_cache.dtype)
         v_cache[slots] = _cache_ref(v, v_scale, v_cache.dtype)
         return q_out
     assert v.shape == k.shape and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1

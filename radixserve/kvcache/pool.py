@@ -55,7 +55,12 @@ class KVPool:
 
     def load(self, layer: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) at `slots` in `dtype`, scales applied: the torch backend's read."""
-        k, v = self.k[layer][slots].to(dtype), self.v[layer][slots].to(dtype)
+        flat, shape = slots.reshape(-1), (*slots.shape, *self.k[layer].shape[1:])
+        # index_select: a third of advanced indexing's cost for these row gathers on CPU
+        k = self.k[layer].index_select(0, flat).view(shape)
+        v = self.v[layer].index_select(0, flat).view(shape)
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
         if self.k_scale[layer] != 1.0:
             k = k * self.k_scale[layer]
         if self.v_scale[layer] != 1.0:

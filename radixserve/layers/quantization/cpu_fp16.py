@@ -37,11 +37,13 @@ def pack_fp16(weight: torch.Tensor) -> torch.ScriptObject:
 
 
 def apply_packed(packed: torch.ScriptObject, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    shape = x.shape
-    y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, shape[-1]).float(), packed)
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    y = torch.ops.quantized.linear_dynamic_fp16(x2 if x2.dtype == torch.float32 else x2.float(), packed)
     if bias is not None:
         y = y + bias
-    return y.reshape(*shape[:-1], y.shape[-1]).to(x.dtype)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class CpuFp16LinearMethod(UnquantizedLinearMethod):
