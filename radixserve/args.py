@@ -10,8 +10,10 @@ import dataclasses
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: spawned children re-import this module
+    import torch
 
 
 @dataclass
@@ -101,6 +103,8 @@ class ServerArgs:
     disaggregation_decode_enable_offload_kvcache: bool = False
 
     def __post_init__(self) -> None:
+        import torch
+
         self.check_supported()
         if self.device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,7 +141,8 @@ class ServerArgs:
             raise ValueError(f"--kv-cache-dtype {self.kv_cache_dtype!r}: choose one of "
                              f"{', '.join(KV_CACHE_DTYPE_CHOICES)}")
         if self.cpu_weight_dtype not in CPU_WEIGHT_DTYPES:
-            raise ValueError(f"--cpu-weight-dtype {self.cpu_weight_dtype!r}: choose one of {', '.join(CPU_WEIGHT_DTYPES)}")
+            raise ValueError(f"--cpu-weight-dtype {self.cpu_weight_dtype!r}: choose one of "
+                             f"{', '.join(CPU_WEIGHT_DTYPES)}")
         self.check_api()
         if self.max_request_body_mb <= 0:
             raise ValueError(f"--max-request-body-mb must be > 0, got {self.max_request_body_mb}")
@@ -275,6 +280,8 @@ class ServerArgs:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        import torch
+
         if self.dtype == "auto":
             return torch.bfloat16 if self.device == "cuda" else torch.float32
         names = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
@@ -295,8 +302,8 @@ class ServerArgs:
 
 
 QUANTIZATION_CHOICES = ("fp8",)  # layers/quantization QUANT_CONFIGS (args stays import-light)
-KV_CACHE_DTYPE_CHOICES = ("auto", "fp8_e4m3", "fp8_e5m2")
-CPU_WEIGHT_DTYPES = ("auto", "float32", "float16")  # layers/quantization.cpu_weight_config  # kvcache/pool KV_CACHE_DTYPES
+KV_CACHE_DTYPE_CHOICES = ("auto", "fp8_e4m3", "fp8_e5m2")  # kvcache/pool KV_CACHE_DTYPES
+CPU_WEIGHT_DTYPES = ("auto", "float32", "float16")  # layers/quantization.cpu_weight_config
 GRAMMAR_BACKENDS = ("llguidance", "none")
 TOOL_CALL_PARSERS = ("llama3", "qwen25", "hermes", "mistral", "pythonic")
 REASONING_PARSERS = ("qwen3", "deepseek-r1")

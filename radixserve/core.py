@@ -10,8 +10,10 @@ import enum
 import itertools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch only for annotations: the API server and detokenizer import this, not torch
+    import torch
 
 
 @dataclass

@@ -263,8 +263,8 @@ def test_block_fp8_moe_checkpoint_matches_hf_on_dequantized_weights(tmp_path) ->
     from radixserve.engine.model_runner import ModelRunner
     from radixserve.weights.loader import resolve_model
     ref = _write_fp8_moe(str(tmp_path), (32, 32))
-    runner = ModelRunner(ServerArgs(model=str(tmp_path), device="cpu", max_total_tokens=256, cpu_weight_dtype="float32"),
-                         resolve_model(str(tmp_path)))
+    sargs = ServerArgs(model=str(tmp_path), device="cpu", max_total_tokens=256, cpu_weight_dtype="float32")
+    runner = ModelRunner(sargs, resolve_model(str(tmp_path)))
     experts = runner.model.model.layers[0].mlp.experts
     assert experts.w13.dtype == torch.float8_e4m3fn and experts.w2_scale.shape == (8, 64, 2)
     prompts = _prompts()

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
-import torch
 
 DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
 
+
+if TYPE_CHECKING:  # torch only for annotations: the API server and detokenizer import this, not torch
+    import torch
 
 class BootstrapInfo(msgspec.Struct, frozen=True):
     """`room` pairs one request's prefill with its decode: the gateway draws it at random for each request and

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch._dynamo
 
 from radixserve.engine.cuda_graph import capture_sizes
 
@@ -31,6 +30,8 @@ def compile_decode(model: torch.nn.Module, device: torch.device, max_bs: int, cu
     layers.attention.FORWARD_CONTEXT."""
     def decode(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return model.logits(model.model(input_ids, positions, None))
+
+    import torch._dynamo  # here, not at module import: it costs 2 s of start-up for every server without the flag
 
     # one graph per captured batch size; torch's default allows 8 before falling back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(capture_sizes(max_bs)) + 2)

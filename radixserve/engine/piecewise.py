@@ -26,9 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch._dynamo
 from torch import fx
-from torch.fx.passes.split_module import split_module
 
 from radixserve.forward_batch import ForwardBatch
 from radixserve.layers.attention import FORWARD_CONTEXT
@@ -58,6 +56,8 @@ def is_attention(node: fx.Node) -> bool:
 def split_at_attention(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[str]]:
     """Split `gm` so that each attention op is a submodule of its own; returns the split module and the
     names of the other submodules (the pieces), in execution order."""
+    from torch.fx.passes.split_module import split_module
+
     part, parts = 0, {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
@@ -140,6 +140,8 @@ class PiecewiseRunner:
 
         def hidden(input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
             return model.model(input_ids, positions, None)
+
+        import torch._dynamo  # only with --enable-piecewise-cuda-graph: 2 s of import for everyone else
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self.sizes) + 8)
         self.compiled = torch.compile(hidden, backend=self._backend, fullgraph=True, dynamic=True)

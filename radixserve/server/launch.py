@@ -86,11 +86,7 @@ def launch_server(args: ServerArgs) -> None:
     if args.node_rank > 0:
         sys.exit(serve_follower_node(args))
     try:
-        check_model(args)
         sock = bind_socket(args.host, args.port)
-    except (FileNotFoundError, ValueError) as e:
-        logger.error(str(e))
-        sys.exit(1)
     except OSError as e:
         logger.error(f"Cannot listen on {args.host}:{args.port}: {e.strerror}. Pick another --port.")
         sys.exit(1)
@@ -103,8 +99,15 @@ def launch_server(args: ServerArgs) -> None:
     }
     code = 1
     try:
+        # The children start first: they spend seconds importing torch and transformers, while this
+        # process checks the model. A model that fails the check stops them before they load anything.
         for p in procs.values():
             p.start()
+        try:
+            check_model(args)
+        except (FileNotFoundError, ValueError) as e:
+            logger.error(str(e))
+            sys.exit(1)  # the finally below stops the children
         code = asyncio.run(_serve(args, addrs, procs, sock))
     finally:
         stop_children(procs)

@@ -58,6 +58,8 @@ class LinearMethod(ABC):
 
     #: short name for start-up lines ("fp8 per-channel (online)")
     description: str = "unquantized"
+    #: process_weights_after_loading touches only its own layer, so layers may be processed on threads
+    parallel_processing: bool = False
 
     @abstractmethod
     def create_weights(self, layer: LinearBase, out_features: int, in_features: int,

@@ -52,6 +52,7 @@ class CpuFp16LinearMethod(UnquantizedLinearMethod):
     is also the embedding table the first layer looks rows up in)."""
 
     description = "float16 weights (FBGEMM), float32 activations"
+    parallel_processing = True
 
     def __init__(self, keep_weight: bool = False) -> None:
         self.keep_weight = keep_weight
