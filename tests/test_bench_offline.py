@@ -60,7 +60,8 @@ def test_bound_counts_a_shared_prefix_once() -> None:
 def test_end_to_end_json(tmp_path) -> None:
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--max-total-tokens", "4096", "--num-prompts", "4", "--random-input-len", "16",
-            "--random-output-len", "8", "--random-range-ratio", "1", "--output", str(out)]
+            "--random-output-len", "8", "--random-range-ratio", "1", "--cpu-weight-dtype", "float32",
+            "--output", str(out)]
     returned = main(argv)
     report = json.loads(out.read_text())
     assert report == json.loads(json.dumps(returned))

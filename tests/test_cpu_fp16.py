@@ -79,3 +79,13 @@ def test_choice_is_logged_and_checked(caplog) -> None:
         cpu_weight_config("float16", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="--cpu-weight-dtype"):
         ServerArgs(device="cpu", cpu_weight_dtype="int3")
+
+
+def test_cpu_linear_bench_times_every_format() -> None:
+    """bench.cpu_linear's matmul table: every format runs the step's shapes and counts its weight bytes."""
+    from radixserve.bench.cpu_linear import matmul_step
+    table = matmul_step([(64, 32), (32, 64)], 2, (128, 32), 1, bandwidth=1e10, repeats=2)
+    assert {"float32", "fp16_fbgemm", "int8_fbgemm", "int8pack"} <= set(table)
+    f32 = (2 * 2 * 64 * 32 + 128 * 32) * 4
+    assert table["float32"]["weight_bytes"] == 2 * table["fp16_fbgemm"]["weight_bytes"] == f32
+    assert all(r["step_s"] > 0 and r["floor_s"] > 0 for r in table.values())
