@@ -75,6 +75,9 @@ def test_choice_is_logged_and_checked(caplog) -> None:
     assert "--cpu-weight-dtype auto" in caplog.text and "float16 weights packed for FBGEMM" in caplog.text
     assert cpu_weight_config("float32", cpu, torch.float32) is None
     assert cpu_weight_config("auto", cpu, torch.bfloat16) is None  # a bf16 model keeps its weights
+    assert cpu_weight_config("auto", cpu, torch.float32, traced=True) is None  # torch.compile keeps float32
+    with pytest.raises(ValueError, match="torch.compile"):
+        cpu_weight_config("float16", cpu, torch.float32, traced=True)
     with pytest.raises(ValueError, match="--dtype float32"):
         cpu_weight_config("float16", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="--cpu-weight-dtype"):

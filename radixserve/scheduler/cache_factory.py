@@ -18,8 +18,11 @@ PAGE_FORMAT = 1  # bump when the file tier's page layout changes: old pages then
 
 def model_identity(args: ServerArgs, runner: Any) -> dict:
     """What a page's KV depends on besides its tokens: file pages written under another identity never match."""
-    cfg = {f.name: getattr(runner.cfg, f.name) for f in dataclasses.fields(runner.cfg) if f.name != "hf_config"}
+    cfg = {f.name: getattr(runner.cfg, f.name) for f in dataclasses.fields(runner.cfg)
+           if f.name not in ("hf_config", "quant")}
+    quant = runner.cfg.quant  # by what it computes: the object's repr carries its address, new every process
     return {"format": PAGE_FORMAT, "model": args.model, "load_format": args.load_format,
+            "quantization": f"{quant.name}: {quant.describe()}" if quant is not None else None,
             "seed": args.seed if args.load_format == "dummy" else None, "config": cfg,
             "dtype": str(runner.dtype), "kv_dtype": str(runner.kv_pool.k[0].dtype), "page_size": args.page_size,
             "tp_rank": runner.tp.rank, "tp_size": runner.tp.size}
