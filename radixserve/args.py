@@ -361,7 +361,7 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--cpu-weight-dtype"], dict(help="CPU only: how the decoder's linear layers and the LM head store their "
                                   "weights when the model runs in float32. float16: packed for FBGEMM's fp16 "
                                   "GEMM (float32 activations and sums), half the bytes a decode step reads and "
-                                  "~3x faster on AVX2 CPUs, logits within ~1e-2 of float32. float32: exact. "
+                                  "~3x faster on AVX2 CPUs, logits within 0.05 of float32. float32: exact. "
                                   "auto (default): float16 where torch has FBGEMM (x86), else float32. The "
                                   "start-up line says what was chosen.")),
     (["--max-running-requests"], dict(type=int, help="Max requests decoding at once.")),

@@ -92,3 +92,31 @@ def test_cpu_linear_bench_times_every_format() -> None:
     f32 = (2 * 2 * 64 * 32 + 128 * 32) * 4
     assert table["float32"]["weight_bytes"] == 2 * table["fp16_fbgemm"]["weight_bytes"] == f32
     assert all(r["step_s"] > 0 and r["floor_s"] > 0 for r in table.values())
+
+
+
+def test_untied_head_drops_its_float32_copy(tmp_path) -> None:
+    """An untied LM head packs like any layer (only a tied one keeps the table it shares with the
+    embedding), and the roofline still counts its weights: the same body/head sizes as float32."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from radixserve.bench.roofline import model_costs
+    from radixserve.engine.model_runner import ModelRunner
+    from radixserve.weights.loader import resolve_model
+
+    HFLlama(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+            ).save_pretrained(tmp_path)
+    costs = {}
+    for dtype in ("float32", "float16"):
+        runner = ModelRunner(ServerArgs(model=str(tmp_path), device="cpu", max_total_tokens=256,
+                                        cpu_weight_dtype=dtype), resolve_model(str(tmp_path)))
+        costs[dtype] = model_costs(SimpleNamespace(runner=runner))
+        if dtype == "float16":
+            assert runner.model.lm_head.weight is None and runner.model.lm_head.packed_numel == 256 * 64
+    assert costs["float16"]["body_params"] == costs["float32"]["body_params"]
+    assert costs["float16"]["head_params"] == costs["float32"]["head_params"] == 256 * 64
+    assert costs["float16"]["weight_bytes_read"] < 0.6 * costs["float32"]["weight_bytes_read"]

@@ -23,10 +23,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from radixserve.args import ServerArgs
+from radixserve.args import CPU_WEIGHT_DTYPES, ServerArgs
 from radixserve.bench.roofline import record
 from radixserve.core import Req, SamplingParams
 from radixserve.engine_unit import Engine
+from radixserve.layers.quantization.cpu_fp16 import cpu_fp16_available, pack_fp16
 
 
 def read_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -54,8 +55,8 @@ def _formats() -> dict[str, tuple[Callable[[torch.Tensor], object], Callable[[to
 
     out = {"float32": (lambda w: w, lambda x, w: F.linear(x, w), 4.0, torch.float32),
            "int8pack": (int8pack, lambda x, w: torch._weight_int8pack_mm(x, w[0], w[1]), 1.0, torch.bfloat16)}
-    if "fbgemm" in torch.backends.quantized.supported_engines:
-        out["fp16_fbgemm"] = (lambda w: torch.ops.quantized.linear_prepack_fp16(w, None),
+    if cpu_fp16_available():
+        out["fp16_fbgemm"] = (pack_fp16,
                               lambda x, w: torch.ops.quantized.linear_dynamic_fp16(x, w), 2.0, torch.float32)
         out["int8_fbgemm"] = (q8, lambda x, w: torch.ops.quantized.linear_dynamic(x, w, True), 1.0, torch.float32)
     return out
@@ -125,7 +126,7 @@ def decode_profile(args: ServerArgs, context: int = 128, steps: int = 40) -> dic
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="Model (default: the bundled SmolLM2-135M GGUF).")
-    p.add_argument("--cpu-weight-dtype", default="auto", choices=["auto", "float32", "float16"])
+    p.add_argument("--cpu-weight-dtype", default="auto", choices=CPU_WEIGHT_DTYPES)
     p.add_argument("--batch-size", type=int, nargs="+", default=[1, 8])
     p.add_argument("--skip-engine", action="store_true", help="Only the matmul table (no engine profile).")
     p.add_argument("--output", help="Write the figures as JSON here.")

@@ -89,17 +89,19 @@ def model_costs(engine) -> dict[str, int]:
     experts of each sparse layer (on this rank: its share of them under --ep-size), so FLOPs = 2 x body_params
     per token. weight_bytes_read counts every weight; what a decode step reads is step_weight_bytes."""
     m, pool = engine.runner.model, engine.runner.kv_pool
-    emb, head, attn = m.model.embed_tokens.weight, m.lm_head.weight, m.model.layers[0].self_attn.attn
-    gathered = 0 if emb is head else emb.numel()  # an untied embedding table is only gathered, never multiplied
-    # packed weights (--cpu-weight-dtype float16) are not parameters: count the layers whose parameter they
-    # replaced; a packed tied head multiplies with its fp16 copy, so its fp32 table is only gathered from
-    dropped = sum(mod.packed_nbytes // 2 for mod in m.modules()
-                  if getattr(mod, "packed_nbytes", 0) and getattr(mod, "weight", None) is None)
-    only_gathered = gathered if not getattr(m.lm_head, "packed_nbytes", 0) else emb.numel()
+    emb, attn = m.model.embed_tokens.weight, m.model.layers[0].self_attn.attn
+    # packed weights (--cpu-weight-dtype float16) are not parameters: a packed layer whose parameter is gone
+    # counts its packed_numel instead
+    packed = sum(mod.packed_numel for mod in m.model.modules()
+                 if getattr(mod, "packed_numel", 0) and getattr(mod, "weight", None) is None)
+    head_params = getattr(m.lm_head, "packed_numel", 0) or m.lm_head.weight.numel()
+    # the embedding table is only gathered from, unless it is also the (unpacked) head that multiplies
+    table_multiplied = m.lm_head.weight is emb and not getattr(m.lm_head, "packed_numel", 0)
+    gathered_bytes = 0 if table_multiplied else emb.numel() * emb.element_size()
     k = pool.k[0]  # [slots, kv heads of this rank, head_dim]
-    cost = {"body_params": sum(p.numel() for p in m.parameters()) + dropped - gathered - head.numel(),
-            "head_params": head.numel(),
-            "weight_bytes_read": engine.runner.weight_bytes - only_gathered * emb.element_size(),
+    cost = {"body_params": sum(p.numel() for p in m.model.parameters()) + packed - emb.numel(),
+            "head_params": head_params,
+            "weight_bytes_read": engine.runner.weight_bytes - gathered_bytes,
             "kv_bytes_per_token": KVPool.bytes_per_token(len(pool.k), k.shape[1], k.shape[2], k.dtype),
             "num_layers": len(pool.k), "num_heads": attn.num_heads, "head_dim": attn.head_dim}
     experts = [layer.mlp.experts for layer in m.model.layers if hasattr(layer.mlp, "experts")]

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
-
-
 if TYPE_CHECKING:  # torch only for annotations: the API server and detokenizer import this, not torch
     import torch
+
+DEFAULT_BOOTSTRAP_PORT = 8998  # SGLang's --disaggregation-bootstrap-port default
+
 
 class BootstrapInfo(msgspec.Struct, frozen=True):
     """`room` pairs one request's prefill with its decode: the gateway draws it at random for each request and

@@ -37,9 +37,10 @@ class ParallelLMHead(VocabParallelEmbedding):
     may give the head its own method (`QuantConfig.lm_head_method`: packed fp16 on CPU); by default it
     multiplies with the parameter as it is."""
 
-    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup, quant: QuantConfig | None = None) -> None:
+    def __init__(self, vocab_size: int, hidden: int, tp: TPGroup, quant: QuantConfig | None = None,
+                 tied: bool = False) -> None:
         super().__init__(vocab_size, hidden, tp)
-        self.quant_method: LinearMethod | None = quant.lm_head_method() if quant else None
+        self.quant_method: LinearMethod | None = quant.lm_head_method(tied) if quant else None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         local = (F.linear(hidden, self.weight) if self.quant_method is None

@@ -89,7 +89,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.model = LlamaModel(cfg, tp, expert_parallel)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, cfg.quant)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, tp, cfg.quant, cfg.tie_word_embeddings)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

@@ -83,8 +83,9 @@ class QuantConfig(ABC):
     def linear_method(self) -> LinearMethod:
         """The method every TP linear layer of the decoder uses (the embedding stays unquantized)."""
 
-    def lm_head_method(self) -> LinearMethod | None:
-        """The LM head's method; None (the default) keeps it in the model dtype."""
+    def lm_head_method(self, tied: bool) -> LinearMethod | None:
+        """The LM head's method (`tied`: its weight is the embedding table too); None (the default) keeps
+        it in the model dtype."""
         return None
 
     def describe(self) -> str:
