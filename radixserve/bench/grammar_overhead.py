@@ -1,0 +1,120 @@
+"""What constrained decoding costs a full decode batch: the same engine steps B requests without a grammar
+and B requests each holding a JSON schema, alternately, and compares the time per output token.
+
+    python -m radixserve.bench.grammar_overhead [server flags...] --batch-size 64 --steps 64 \
+        [--input-len 256] [--rounds 2] [--output FILE]
+
+Each round submits B requests (random prompt ids, greedy, ignore_eos), steps until every one has its
+first token (prefill and the matchers' first masks are behind us), then times `--steps` scheduler steps
+of the steady decode batch and counts the tokens they produced; the rest of the round runs untimed to
+its end. Plain and constrained rounds alternate, so a slow drift of the machine hits both. The schema is
+bench.grammar's (nested object, array, enum, email format); its strings are unbounded, so a request stays
+in the batch for the timed steps. The figure is the one issue 15 sets a target for: the constrained
+per-token time over the plain one, minus 1.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+from radixserve.args import ServerArgs, make_parser
+from radixserve.bench.grammar import SCHEMA
+from radixserve.bench.roofline import device_name, git_commit
+from radixserve.core import Req, SamplingParams
+from radixserve.engine_unit import Engine
+
+BENCH_FLAGS = ("batch_size", "steps", "input_len", "rounds", "output")
+
+
+def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
+    parser = make_parser("python -m radixserve.bench.grammar_overhead")
+    parser.description = "Constrained vs plain decode on one engine (server flags + the ones below)."
+    g = parser.add_argument_group("benchmark")
+    g.add_argument("--batch-size", type=int, default=64, help="Requests decoding together.")
+    g.add_argument("--steps", type=int, default=64, help="Timed decode steps per round.")
+    g.add_argument("--input-len", type=int, default=256, help="Prompt tokens per request.")
+    g.add_argument("--rounds", type=int, default=2, help="Plain + constrained round pairs.")
+    g.add_argument("--output", default=None, help="Write the results as JSON here.")
+    ns = vars(parser.parse_args(argv))
+    bench = argparse.Namespace(**{k: ns.pop(k) for k in BENCH_FLAGS})
+    ns.setdefault("log_level", "warning")
+    try:
+        return ServerArgs(**ns), bench
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def timed_round(engine: Engine, prompts: list[list[int]], steps: int, grammar: tuple[str, str] | None
+                ) -> dict[str, float]:
+    """One batch through: untimed until every request has a token, `steps` timed steps, untimed to the end."""
+    sched = engine.scheduler
+    reqs = [Req(p, SamplingParams(max_new_tokens=steps + 8, temperature=0, ignore_eos=True, grammar=grammar))
+            for p in prompts]
+    for r in reqs:
+        sched.add_request(r)
+    while any(not r.output_ids for r in reqs):
+        sched.step()
+    before = sum(len(r.output_ids) for r in reqs)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        sched.step()
+    dur = time.perf_counter() - t0
+    tokens = sum(len(r.output_ids) for r in reqs) - before
+    while any(not r.finished for r in reqs):
+        sched.step()
+    return {"step_ms": dur / steps * 1e3, "tokens": tokens, "us_per_token": dur / max(tokens, 1) * 1e6,
+            "finished_early": sum(len(r.output_ids) < steps + 8 for r in reqs)}
+
+
+def run(args: ServerArgs, b: argparse.Namespace, argv: list[str]) -> dict:
+    engine = Engine(args)
+    if engine.scheduler.grammar is None:
+        raise SystemExit("constrained decoding is off (--grammar-backend none, or llguidance is not installed)")
+    cfg = engine.runner.cfg
+    rng = random.Random(args.seed)
+    special = set(engine.tokenizer.all_special_ids if engine.tokenizer else []) | set(cfg.eos_token_ids)
+    vocab = [i for i in range(min(cfg.vocab_size, len(engine.tokenizer))) if i not in special]
+    grammar = ("json_schema", json.dumps(SCHEMA))
+    timed_round(engine, [rng.choices(vocab, k=16) for _ in range(4)], 2, None)  # warm-up: kernels, graphs
+    timed_round(engine, [rng.choices(vocab, k=16) for _ in range(4)], 2, grammar)  # and the compiled schema
+    rounds: dict[str, list[dict]] = {"plain": [], "constrained": []}
+    for _ in range(b.rounds):
+        for kind, g in (("plain", None), ("constrained", grammar)):
+            engine.scheduler.cache.reset()
+            prompts = [rng.choices(vocab, k=b.input_len) for _ in range(b.batch_size)]
+            rounds[kind].append(timed_round(engine, prompts, b.steps, g))
+    per_tok = {k: statistics.mean(r["us_per_token"] for r in v) for k, v in rounds.items()}
+    res = {"plain_us_per_token": per_tok["plain"], "constrained_us_per_token": per_tok["constrained"],
+           "plain_step_ms": statistics.mean(r["step_ms"] for r in rounds["plain"]),
+           "constrained_step_ms": statistics.mean(r["step_ms"] for r in rounds["constrained"]),
+           "overhead": per_tok["constrained"] / per_tok["plain"] - 1, "rounds": rounds}
+    print(f"plain {res['plain_step_ms']:.3f} ms/step, constrained {res['constrained_step_ms']:.3f} ms/step; "
+          f"per token {per_tok['plain']:.1f} vs {per_tok['constrained']:.1f} us: overhead {res['overhead']:+.1%}")
+    report = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "device": device_name(str(engine.runner.device)), "git_commit": git_commit(),
+              "command": shlex.join(["python", "-m", "radixserve.bench.grammar_overhead", *argv]),
+              "model": engine.model_name, "server_args": dataclasses.asdict(args), "bench": vars(b),
+              "schema": SCHEMA, "results": res}
+    if b.output:
+        with open(b.output, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, b = parse(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    return run(args, b, argv)
+
+
+if __name__ == "__main__":
+    main()
