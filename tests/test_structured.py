@@ -76,6 +76,22 @@ def test_json_schema_outputs_validate(engine: Engine, overlap: bool) -> None:
     assert s.grammar.backend.compiled == 2  # the three requests with one schema compiled it once
 
 
+def test_model_stop_ids_beyond_the_tokenizer(engine: Engine) -> None:
+    """A dummy-weight preset served with a smaller tokenizer (the GPU benchmarks' 8B preset with the bundled
+    SmolLM2 tokenizer): the model's stop ids lie outside the tokenizer, which then ends the grammar with its
+    own end-of-text id instead of failing to build."""
+    from radixserve.server.grammar.llguidance_backend import LLGuidanceBackend
+    tok = engine.tokenizer
+    backend = LLGuidanceBackend(tok, 128256, [128001, 128009])
+    m = backend.matcher("regex", r"(yes|no)\.")
+    mask = torch.zeros((1, (128256 + 31) // 32), dtype=torch.int32)
+    for t in tok.encode("yes.", add_special_tokens=False):
+        assert m.accept(t)
+    backend.fill_bitmask([(m, 0)], mask)
+    allowed = [i for i in range(128256) if mask[0, i // 32] >> (i % 32) & 1]
+    assert allowed == [tok.eos_token_id]
+
+
 def test_grammar_survives_retraction(engine: Engine) -> None:
     """Requests retracted mid-generation (as _ensure_decode_memory does when the pool runs out, with a token
     in flight under overlap scheduling) re-prefill and resume their matcher: outputs still validate."""

@@ -88,8 +88,13 @@ class LLGuidanceBackend(GrammarBackend):
                 if self.tokenizer is None:
                     raise GrammarError("constrained decoding needs the model's tokenizer; this model has none")
                 self._executor = llguidance.LLExecutor(self.threads)
+                # a tokenizer smaller than the model's vocabulary (a dummy-weight preset served with another
+                # model's tokenizer) cannot name the model's stop ids: its own end-of-text id stands in
+                known = [e for e in self.eos_ids if e < len(self.tokenizer)]
+                if not known and getattr(self.tokenizer, "eos_token_id", None) is not None:
+                    known = [self.tokenizer.eos_token_id]
                 self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
-                                                           eos_token=list(self.eos_ids) or None)
+                                                           eos_token=known or None)
         return self._lltok
 
     def warm_up(self) -> threading.Thread:
