@@ -3,6 +3,7 @@
 #   bash benchmarks/run_h200.sh OUTDIR STAGES
 # STAGES (comma list, run in this order):
 #   fp8test     the FP8 kernel tests (GEMV at M <= 4, tensor-core tile, W8A8, FP8 KV)
+#   gemvsweep   the W8A16 GEMV's tile sweep inside CUDA graphs (what kernels.fp8.gemv_config follows)
 #   fp8gemm     per-shape GEMM timings, bf16 vs W8A16 (GEMV and tile) vs W8A8, LM head included (issue 12)
 #   fp8b1       batch-1 decode, bf16 then --quantization fp8, 8B preset (issue 12's 1.8x target)
 #   fp8profile  the fp8 batch-1 step's kernel table (where the rest of the time goes)
@@ -26,6 +27,7 @@ run() {
   echo "--- ${*:1:3}... took $((SECONDS - t0)) s"
 }
 has fp8test && run 150 python -m pytest -q -x -rf tests/gpu/test_fp8_kernels.py
+has gemvsweep && run 300 python benchmarks/fp8_gemv_sweep.py --output "$OUT/fp8_gemv_sweep_h200.json"
 has fp8gemm && run 100 python benchmarks/fp8_gemm_bench.py --output "$OUT/fp8_gemm_h200_gemv.json"
 if has fp8b1; then
   run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --output "$OUT/fp8_h200_bs1_bf16.json"

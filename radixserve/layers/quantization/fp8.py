@@ -222,6 +222,15 @@ class Fp8Config(QuantConfig):
             return Fp8BlockLinearMethod(self.block, self.native)
         return Fp8PerTensorLinearMethod(self.native, self.static)
 
+    def lm_head_method(self, tied: bool) -> LinearMethod | None:
+        """`--quantization fp8` also quantizes an untied LM head: at decode it is an eighth of an 8B model's
+        bytes, and the FP8 GEMV reads it in 147 us against bf16's 257 (128256 x 4096 on an H200,
+        benchmarks/results/fp8_gemm_h200_gemv.json). A tied head stays in the model dtype (its table is also
+        the embedding the first layer gathers from), and so does a checkpoint's, which ships it unquantized."""
+        if tied or self.checkpoint is not None:
+            return None
+        return Fp8OnlineLinearMethod(self.native)
+
     def describe(self) -> str:
         d = self.linear_method().description
         return d if self.native else d + ", dequantized at load (no FP8 matmul on this GPU)"
