@@ -79,7 +79,7 @@ def main() -> None:
                 try:
                     out = F8.w8a16_gemm(x, q, s, config=c)
                     assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2
-                    t = graph_time(lambda c=c: [F8.w8a16_gemm(x, w, s, config=c) for w in ws]) / layers
+                    t = graph_time(lambda c=c, x=x, s=s, ws=ws: [F8.w8a16_gemm(x, w, s, config=c) for w in ws]) / layers
                 except Exception as e:  # noqa: BLE001 (a config that does not compile is skipped, and said so)
                     print(f"{name} M={m} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     continue
@@ -94,7 +94,7 @@ def main() -> None:
                   f"{ {k2: v for k2, v in results[0]['config'].items() if k2 != 'gemv'} }; shipped "
                   f"{shipped['us'] if shipped else float('nan'):7.2f} us "
                   f"{shipped['fraction_of_copy'] if shipped else float('nan'):.1%}", flush=True)
-        del ws, q, s
+        ws = q = s = None
         torch.cuda.empty_cache()
     record(a.output, {"limits": lim, "best": best, "rows": rows}, "cuda")
 
