@@ -1,7 +1,8 @@
-"""Tile sweep for the W8A16 GEMV (kernels/fp8.py, M <= 4) measured the way a decode step runs it: one CUDA
+"""Tile sweep for the W8A16 GEMV (kernels/fp8.py, M = 1) measured the way a decode step runs it: one CUDA
 graph replays the product over `--layers` distinct weights of a shape (as 32 decoder layers do), so L2
 holds none of them and launch gaps are gone; time per product -> bytes per second against the copy
-bandwidth measured in the same process. What kernels.fp8.gemv_config's table comes from.
+bandwidth measured in the same process, next to what the kernel's autotuner picks ("autotuned"). What
+kernels.fp8's GEMV candidate list follows.
 
     python benchmarks/fp8_gemv_sweep.py --output benchmarks/results/fp8_gemv_sweep_h200.json
 """
@@ -23,13 +24,12 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
           "lm_head": (128256, 4096)}
 
 
-def candidates(block_m: int) -> list[dict]:
+def candidates() -> list[dict]:
     out = []
     for bn, bk, warps, stages in itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8], [2, 3, 4]):
-        if block_m * bn * bk // (32 * warps) > 128:  # accumulator registers a thread: spills beyond
+        if bn * bk // (32 * warps) > 128:  # accumulator registers a thread: spills beyond
             continue
-        out.append({"BLOCK_M": block_m, "BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages,
-                    "gemv": True})
+        out.append({"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages, "gemv": True})
     return out
 
 
@@ -58,7 +58,6 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--output", default=None)
     p.add_argument("--layers", type=int, default=32)
-    p.add_argument("--ms", default="1,2,4")
     p.add_argument("--shapes", default=",".join(SHAPES))
     a = p.parse_args()
     lim = limits("cuda")
@@ -69,29 +68,27 @@ def main() -> None:
         layers = a.layers if name != "lm_head" else 4
         q, s = F8.quantize_rows(torch.randn(n, k, device="cuda"))
         ws = [q] + [q.clone() for _ in range(layers - 1)]
-        for m in [int(v) for v in a.ms.split(",")]:
+        for m in [1]:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
             ref = torch.nn.functional.linear(x, F8.dequantize(q, s, torch.bfloat16))
-            block_m = 1 if m == 1 else (2 if m == 2 else 4)
             results = []
-            for cfg in candidates(block_m) + [None]:  # None: the shipped table's choice
-                c = cfg if cfg is not None else {**F8.gemv_config(m, n, k), "gemv": True}
+            for c in candidates() + [None]:  # None: the autotuner's choice (tuned in graph_time's warm-up)
                 try:
                     out = F8.w8a16_gemm(x, q, s, config=c)
                     assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2
                     t = graph_time(lambda c=c, x=x, s=s, ws=ws: [F8.w8a16_gemm(x, w, s, config=c) for w in ws]) / layers
                 except Exception as e:  # noqa: BLE001 (a config that does not compile is skipped, and said so)
-                    print(f"{name} M={m} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                    print(f"{name} M={m} {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     continue
-                row = {"layer": name, "N": n, "K": k, "M": m, "config": c, "shipped": cfg is None, "us": t * 1e6,
+                row = {"layer": name, "N": n, "K": k, "M": m, "config": c or {}, "autotuned": c is None, "us": t * 1e6,
                        "TBps": n * k / t / 1e12, "fraction_of_copy": n * k / t / bw}
                 results.append(row)
             results.sort(key=lambda r: r["us"])
             rows += results
-            shipped = next((r for r in results if r["shipped"]), None)
-            best[f"{name}/M{m}"] = {"best": results[0], "shipped": shipped}
+            shipped = next((r for r in results if r["autotuned"]), None)
+            best[f"{name}/M{m}"] = {"best": results[0], "autotuned": shipped}
             print(f"{name:>8} M={m}: best {results[0]['us']:7.2f} us {results[0]['fraction_of_copy']:.1%} "
-                  f"{ {k2: v for k2, v in results[0]['config'].items() if k2 != 'gemv'} }; shipped "
+                  f"{ {k2: v for k2, v in results[0]['config'].items() if k2 != 'gemv'} }; autotuned "
                   f"{shipped['us'] if shipped else float('nan'):7.2f} us "
                   f"{shipped['fraction_of_copy'] if shipped else float('nan'):.1%}", flush=True)
         ws = q = s = None

@@ -63,14 +63,21 @@ def timed_round(engine: Engine, prompts: list[list[int]], steps: int, grammar: t
     while any(not r.output_ids for r in reqs):
         sched.step()
     before = sum(len(r.output_ids) for r in reqs)
-    t0 = time.perf_counter()
+    masks = sched.grammar
+    mask0 = masks.mask_s
+    t0, cpu0, proc0 = time.perf_counter(), time.thread_time(), time.process_time()
     for _ in range(steps):
         sched.step()
     dur = time.perf_counter() - t0
+    cpu, proc = time.thread_time() - cpu0, time.process_time() - proc0
     tokens = sum(len(r.output_ids) for r in reqs) - before
     while any(not r.finished for r in reqs):
         sched.step()
+    # where a step's host time goes: the scheduler thread's CPU time (a step whose CPU time nears its wall
+    # time leaves the device waiting), every thread's (the grammar's fill pool too), the mask fill's wall time
     return {"step_ms": dur / steps * 1e3, "tokens": tokens, "us_per_token": dur / max(tokens, 1) * 1e6,
+            "scheduler_cpu_ms_per_step": cpu / steps * 1e3, "process_cpu_ms_per_step": proc / steps * 1e3,
+            "mask_ms_per_step": (masks.mask_s - mask0) / steps * 1e3,
             "finished_early": sum(len(r.output_ids) < steps + 8 for r in reqs)}
 
 
@@ -95,9 +102,15 @@ def run(args: ServerArgs, b: argparse.Namespace, argv: list[str]) -> dict:
     res = {"plain_us_per_token": per_tok["plain"], "constrained_us_per_token": per_tok["constrained"],
            "plain_step_ms": statistics.mean(r["step_ms"] for r in rounds["plain"]),
            "constrained_step_ms": statistics.mean(r["step_ms"] for r in rounds["constrained"]),
-           "overhead": per_tok["constrained"] / per_tok["plain"] - 1, "rounds": rounds}
+           "overhead": per_tok["constrained"] / per_tok["plain"] - 1,
+           "mask_ms_per_step": statistics.mean(r["mask_ms_per_step"] for r in rounds["constrained"]),
+           "scheduler_cpu_ms_per_step": {k: statistics.mean(r["scheduler_cpu_ms_per_step"] for r in v)
+                                         for k, v in rounds.items()}, "rounds": rounds}
     print(f"plain {res['plain_step_ms']:.3f} ms/step, constrained {res['constrained_step_ms']:.3f} ms/step; "
-          f"per token {per_tok['plain']:.1f} vs {per_tok['constrained']:.1f} us: overhead {res['overhead']:+.1%}")
+          f"per token {per_tok['plain']:.1f} vs {per_tok['constrained']:.1f} us: overhead {res['overhead']:+.1%}; "
+          f"mask fill {res['mask_ms_per_step']:.3f} ms/step, scheduler CPU "
+          f"{res['scheduler_cpu_ms_per_step']['plain']:.3f} vs {res['scheduler_cpu_ms_per_step']['constrained']:.3f}"
+          " ms/step")
     report = {"timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "device": device_name(str(engine.runner.device)), "git_commit": git_commit(),
               "command": shlex.join(["python", "-m", "radixserve.bench.grammar_overhead", *argv]),

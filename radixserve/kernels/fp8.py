@@ -162,28 +162,32 @@ if HAS_TRITON:
     @triton.jit
     def _w8a16_gemv_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                            GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-        """y[:M, n-tile] for up to BLOCK_M token rows: no tensor cores (a 16-row dot tile would be mostly
-        padding), the upcast weight tile times each broadcast activation row accumulates in a [BLOCK_M,
-        BLOCK_N, BLOCK_K] fp32 register tile, reduced across K once at the end. Each weight tile is read
-        once for all rows."""
-        pid_n = tl.program_id(0)
-        offs_m = tl.arange(0, BLOCK_M)
+                           EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[m, n-tile] for one token row m: no tensor cores (a 16-row dot tile would be 15/16 padding at
+        batch 1), the upcast weight tile times the broadcast activation accumulates in a [BLOCK_N, BLOCK_K]
+        fp32 register tile, reduced across K once at the end. Programs run m fastest, so the M programs
+        reading the same weight tile run together and all but the first are served by L2 (the engine uses
+        it at M = 1 only: from M = 2 the 16-row dot tile was as fast or faster on the H200). A variant that
+        kept a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator to read each tile once for several rows reached 43-68 %
+        of the copy bandwidth at M = 1 (by shape), and the 8B decode step's products took 28.9 us on average
+        with it against 17.8 us with this kernel (benchmarks/results/fp8_gemv3d_sweep_h200.json), so it
+        was dropped."""
+        pid = tl.program_id(0)
+        m = pid % M
+        pid_n = pid // M
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
-        mask_m = offs_m < M
         mask_n = offs_n < N
         w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :]
-        x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
-        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], dtype=tl.float32)
+        x_ptrs = X + m.to(tl.int64) * stride_xm + offs_k
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
-                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0).to(tl.float32)
+                x = tl.load(x_ptrs).to(tl.float32)
                 w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
             else:
                 mask_k = k0 + offs_k < K
-                x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+                x = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)
                 w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_first")
             wf = w.to(tl.float32)
             if not PER_CHANNEL:
@@ -194,19 +198,32 @@ if HAS_TRITON:
                     s = tl.load(S + offs_n[:, None] * stride_sn + ((k0 + offs_k) // GROUP)[None, :],
                                 mask=mask_n[:, None] & (k0 + offs_k < K)[None, :], other=0.0)
                     wf = wf * s
-            acc += wf[None, :, :] * x[:, None, :]
+            acc += wf * x[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-        y = tl.sum(acc, axis=2)
+        y = tl.sum(acc, axis=1)
         if PER_CHANNEL:
-            y = y * tl.load(S + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
+            y = y * tl.load(S + offs_n * stride_sn, mask=mask_n, other=0.0)
         if HAS_BIAS:
-            y = y + tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :], y.to(Y.dtype.element_ty),
-                 mask=mask_m[:, None] & mask_n[None, :])
+            y = y + tl.load(B + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(Y + m.to(tl.int64) * stride_ym + offs_n, y.to(Y.dtype.element_ty), mask=mask_n)
 
 
-GEMV_MAX_M = 4  # token rows up to which the GEMV kernel replaces the 16-row tensor-core tile
+    def _gemv_configs() -> list:
+        """Tiles that keep 4-16 KB of weight in flight per program: a few rows by a long K run, so N = 4096
+        still makes 128-512 programs. Chosen per (M, N, K) by the eager warm-up, before graphs capture; the
+        8 x 1024 deep-pipelined tiles are what the graph-timed sweep found best for the Llama-3 shapes."""
+        out = []
+        for bn, bk, warps, stages in [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3),
+                                      (8, 1024, 4, 2), (8, 1024, 4, 3), (8, 1024, 4, 4), (16, 512, 8, 3),
+                                      (32, 512, 8, 2), (4, 1024, 4, 3)]:
+            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages))
+        return out
+
+    _w8a16_gemv_tuned = triton.autotune(configs=_gemv_configs(), key=["M", "N", "K", "GROUP"], warmup=3,
+                                        rep=10)(_w8a16_gemv_kernel)
+
+GEMV_MAX_M = 1  # token rows up to which the GEMV kernel replaces the 16-row tensor-core tile
 
 
 def w8a16_config(m: int, n: int, k: int) -> dict:
@@ -257,28 +274,25 @@ __all__ = ["FP8_DTYPES", "HAS_TRITON", "dequantize", "expand_group_scale", "fp8_
            "quantize_rows", "to_fp8", "w8a16_config", "w8a16_gemm", "w8a16_ref", "w8a8_ref"]
 
 
-def gemv_config(m: int, n: int, k: int) -> dict:
-    """GEMV tiles by shape: a few weight rows by a long K run, so N = 4096 still makes hundreds of programs
-    and each keeps several KB of weight in flight; the accumulator (BLOCK_M x BLOCK_N x BLOCK_K fp32) stays
-    within 64 registers a thread. Measured on an H200 inside CUDA graphs over many distinct weights
-    (benchmarks/fp8_gemv_sweep.py)."""
-    block_m = 1 if m == 1 else (2 if m == 2 else 4)
-    return {"BLOCK_M": block_m, "BLOCK_N": 16 // block_m, "BLOCK_K": 512, "num_warps": 4, "num_stages": 3}
-
-
 def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
                 group: int, config: dict | None) -> torch.Tensor:
-    """The decode-sized product (M <= GEMV_MAX_M), tiles from gemv_config unless `config` names them."""
+    """The decode-sized product (M <= GEMV_MAX_M): autotuned on CUDA, `config` (BLOCK_N, BLOCK_K,
+    num_warps, num_stages) elsewhere (the interpreter tests)."""
     M, K = x.shape
     N, G = w.shape[0], scale.shape[1]
-    cfg = {**gemv_config(M, N, K), **(config or {})}
+    common = dict(GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None)
+    args = (x, w, scale, bias if bias is not None else scale, y, M, N, K, x.stride(0), w.stride(0), scale.stride(0),
+            y.stride(0))
+    if config is None and x.is_cuda:
+        # EVEN_K must hold for every candidate BLOCK_K: the largest is 1024
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
+        _w8a16_gemv_tuned[grid](*args, **common, EVEN_K=K % 1024 == 0)
+        return y
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, **(config or {})}
     cfg.pop("gemv", None)
     if G > 1 and group % cfg["BLOCK_K"] and group & (group - 1) == 0 and group >= 16:
         cfg["BLOCK_K"] = group  # a power-of-two group (128): tiles within one group
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]),)
-    _w8a16_gemv_kernel[grid](
-        x, w, scale, bias if bias is not None else scale, y, M, N, K, x.stride(0), w.stride(0), scale.stride(0),
-        y.stride(0), GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None, EVEN_K=K % cfg["BLOCK_K"] == 0,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]) * M,)
+    _w8a16_gemv_kernel[grid](*args, **common, EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
+                             BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
