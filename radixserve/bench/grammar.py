@@ -41,10 +41,10 @@ DOCUMENT = {"id": 4217, "name": "Ada Lovelace", "email": "ada@example.org", "rol
             "tags": ["math", "engines", "poetry"], "address": {"city": "London", "zip": "W1 2AB"}, "active": True}
 
 
-def run(batch_sizes: list[int], steps: int | None, parallel: bool) -> dict:
+def run(batch_sizes: list[int], steps: int | None, parallel: bool, threads: int | None = None) -> dict:
     tok = load_tokenizer(resolve_model(None))
     vocab = len(tok)
-    backend = LLGuidanceBackend(tok, vocab, [tok.eos_token_id], parallel=parallel)
+    backend = LLGuidanceBackend(tok, vocab, [tok.eos_token_id], threads=threads, parallel=parallel)
     schema = json.dumps(SCHEMA)
     t0 = time.perf_counter()
     _ = backend.lltok
@@ -89,12 +89,15 @@ def main() -> None:
     ap.add_argument("--output", help="Write the results JSON here.")
     ap.add_argument("--parallel", action="store_true", help="Fill masks on llguidance's thread pool (what a "
                     "GPU server does); default: in the calling thread (what a CPU server does).")
+    ap.add_argument("--threads", type=int, default=None, help="--parallel: the pool's threads (default: "
+                    "the backend's own choice).")
     a = ap.parse_args()
-    res = run([int(b) for b in a.batch_sizes.split(",")], a.steps, a.parallel)
+    res = run([int(b) for b in a.batch_sizes.split(",")], a.steps, a.parallel, a.threads)
     out = {"bench": "grammar", "device": device_name("cpu"), "commit": git_commit(),
            "load_average_1min": round(os.getloadavg()[0], 2),  # other work on the machine inflates the figures
            "command": "python -m radixserve.bench.grammar --batch-sizes " + a.batch_sizes
-           + (" --parallel" if a.parallel else ""), "parallel": a.parallel, **res}
+           + (" --parallel" if a.parallel else "") + (f" --threads {a.threads}" if a.threads else ""),
+           "parallel": a.parallel, "threads": a.threads, "cpu_count": os.cpu_count(), **res}
     text = json.dumps(out, indent=2)
     print(text)
     if a.output:
