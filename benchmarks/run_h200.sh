@@ -8,8 +8,8 @@
 #   fp8b1       batch-1 decode, bf16 then --quantization fp8, 8B preset (issue 12's 1.8x target)
 #   fp8profile  the fp8 batch-1 step's kernel table (where the rest of the time goes)
 #   fp8offline  offline minisgl, bf16 then fp8 weights + fp8 KV (issue 12's 1.5x target)
-#   grammar     mask fill on this host's CPU by thread count, then constrained vs plain decode at batch 64,
-#               8B preset, by fill-pool size (issue 15's 5 % target)
+#   grammar     constrained vs plain decode at batch 64, 8B preset, with the default serial mask fill and
+#               with fill pools of 2-16 threads (issue 15's 5 % target)
 #   nano06      offline --workload nanovllm, Qwen3-0.6B (issue 19: compares with nano-vllm's published figures)
 #   nano8b      offline --workload nanovllm, 8B preset
 # Every JSON lands in OUTDIR with device, commit and command inside.
@@ -43,13 +43,8 @@ if has fp8offline; then
     --output "$OUT/fp8_h200_offline_minisgl_fp8_fp8kv.json"
 fi
 if has grammar; then
-  for t in 1 4 16; do
-    run 40 python -m radixserve.bench.grammar --batch-sizes 1,8,64 --parallel --threads $t \
-      --output "$OUT/grammar_mask_h200_host_threads$t.json"
-  done
-  run 40 python -m radixserve.bench.grammar --batch-sizes 1,8,64 --output "$OUT/grammar_mask_h200_host_serial.json"
   run 200 python -m radixserve.bench.grammar_overhead $M8 $TOK --batch-size 64 --steps 64 --rounds 2 \
-    --cuda-graph-max-bs 64 --fill-threads 0,2,4,8,16 --output "$OUT/grammar_overhead_h200_llama8b_bs64.json"
+    --cuda-graph-max-bs 64 --fill-threads ,2,4,8,16 --output "$OUT/grammar_overhead_h200_llama8b_bs64.json"
 fi
 has nano06 && run 90 python -m radixserve.bench.offline --model qwen3-0.6b --load-format dummy --workload nanovllm \
   --output "$OUT/offline_nanovllm_qwen3_0.6b_h200.json"

@@ -55,13 +55,16 @@ def main() -> None:
     _patch_interpreter()
     _patch_fp8_casts()
     import torch
-    from test_fp8_kernels import check_fp8_attention, check_fp8_rotary_store, check_w8a16
+    from test_fp8_kernels import check_fp8_attention, check_fp8_rotary_store, check_quantize_rows, check_w8a16
     t0 = time.time()
     for m, n, k, group, dt in [(1, 48, 320, False, torch.float32), (5, 200, 300, True, torch.float32),
                                (3, 64, 256, False, torch.bfloat16), (20, 40, 160, True, torch.bfloat16),
                                (4, 40, 300, True, torch.float32), (2, 24, 1100, False, torch.float32)]:
         err = check_w8a16("cpu", m, n, k, group, dt)
         print(f"ok  w8a16 {m}x{n}x{k} group={group} {dt}  (rel err {err:.2e})", flush=True)
+    for m, k, dt in [(3, 300, torch.float32), (2, 64, torch.bfloat16)]:
+        check_quantize_rows("cpu", m, k, dt)
+        print(f"ok  quantize_rows_fused {m}x{k} {dt}", flush=True)
     for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
         check_fp8_rotary_store("cpu", fp8)
         print(f"ok  rotary + fp8 store {fp8}", flush=True)

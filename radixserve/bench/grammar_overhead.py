@@ -42,8 +42,9 @@ def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
     g.add_argument("--steps", type=int, default=64, help="Timed decode steps per round.")
     g.add_argument("--input-len", type=int, default=256, help="Prompt tokens per request.")
     g.add_argument("--rounds", type=int, default=2, help="Plain + constrained round pairs.")
-    g.add_argument("--fill-threads", default="", help="Comma list: repeat the constrained rounds with the mask "
-                   "fill on a pool of N threads (0: in the scheduler's thread); default: the backend's choice.")
+    g.add_argument("--fill-threads", default="", help="Comma list of mask-fill settings for the constrained "
+                   "rounds: N a pool of N threads, 0 the scheduler's thread, empty the engine's own choice "
+                   "(e.g. ',2,16': the default, then pools of 2 and 16). Default: the engine's choice only.")
     g.add_argument("--output", default=None, help="Write the results as JSON here.")
     ns = vars(parser.parse_args(argv))
     bench = argparse.Namespace(**{k: ns.pop(k) for k in BENCH_FLAGS})
@@ -98,7 +99,8 @@ def run(args: ServerArgs, b: argparse.Namespace, argv: list[str]) -> dict:
     timed_round(engine, [rng.choices(vocab, k=16) for _ in range(4)], 2, grammar)  # and the compiled schema
     rounds: dict[str, list[dict]] = {"plain": [], "constrained": []}
     backend = engine.scheduler.grammar.backend
-    for threads in [int(t) for t in b.fill_threads.split(",") if t] or [None]:
+    settings = [int(t) if t.strip() else None for t in b.fill_threads.split(",")] if b.fill_threads else [None]
+    for threads in settings:  # None: as the engine runs it (before any pool is swapped in)
         kind = "constrained" if threads is None else f"constrained_threads{threads}"
         if threads is not None:  # the pool is llguidance's; a bench-only swap, before the timed rounds
             import llguidance

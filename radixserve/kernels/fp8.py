@@ -296,3 +296,43 @@ def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
     _w8a16_gemv_kernel[grid](*args, **common, EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
                              BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton per-token activation quantization (W8A8's input)
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _quantize_rows_kernel(X, Q, S, K, stride_x, stride_q, FP8_MAX: tl.constexpr, BLOCK: tl.constexpr):
+        """One row per program, held in registers: amax, scale = amax / max, q = x / scale saturated, the
+        arithmetic of quantize_rows in one kernel instead of its six."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        mask = offs < K
+        x = tl.load(X + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / FP8_MAX
+        q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+        tl.store(Q + row * stride_q + offs, q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(S + row, scale)
+
+
+def quantize_rows_fused(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_rows for a [M, K] activation in one Triton kernel (on CUDA; the torch twin elsewhere or when a
+    row does not fit one program's registers)."""
+    M, K = x.shape
+    if not (HAS_TRITON and (x.is_cuda or x.device.type == "cpu" and _interpreting())) or K > 32768:
+        return quantize_rows(x, dtype)
+    q = torch.empty((M, K), dtype=dtype, device=x.device)
+    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M:
+        block = triton.next_power_of_2(K)
+        _quantize_rows_kernel[(M,)](x, q, s, K, x.stride(0), q.stride(0), FP8_MAX=fp8_max(dtype), BLOCK=block,
+                                    num_warps=4 if block <= 4096 else (8 if block <= 8192 else 16))
+    return q, s
+
+
+def _interpreting() -> bool:
+    """Triton's CPU interpreter (TRITON_INTERPRET=1, the CPU tests of these kernels)."""
+    import os
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -95,8 +95,8 @@ class Scheduler:
         self.pd_decode = DecodeQueue(self, endpoint) if isinstance(endpoint, DecodeEndpoint) else None
         self.grammar: GrammarMasks | None = None
         if args.grammar_backend != "none":
-            backend = create_backend(args.grammar_backend, tokenizer, runner.cfg.vocab_size, sorted(self.eos_ids),
-                                     parallel=runner.device.type == "cuda")  # see LLGuidanceBackend
+            # masks filled in this thread, on every device (see LLGuidanceBackend for the measurements)
+            backend = create_backend(args.grammar_backend, tokenizer, runner.cfg.vocab_size, sorted(self.eos_ids))
             self.grammar = GrammarMasks(backend, runner.cfg.vocab_size, self.max_running, runner.device)
             if runner.device.type == "cuda":  # the token trie is built while the server starts, not on a request
                 backend.warm_up()

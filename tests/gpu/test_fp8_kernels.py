@@ -10,6 +10,7 @@ tests/test_fp8_kernels_interpret.py, on small shapes).
     rotary + FP8 store   the Triton store vs the torch twin (KVPool.encode semantics): stored values equal
                          up to one FP8 rounding step (x * (1/s) vs x / s may round apart at a tie).
     W8A8 (_scaled_mm)    the engine's large-batch path vs kernels.fp8.w8a8_ref: < 2e-2 relative.
+    per-token quantize   quantize_rows_fused vs quantize_rows: scales to 1e-6, values within one rounding step.
 """
 from __future__ import annotations
 
@@ -45,6 +46,21 @@ def check_w8a16(device: str, m: int, n: int, k: int, group: bool, dtype: torch.d
     err = ((out.float() - ref).norm() / ref.norm()).item()
     assert err < (1e-5 if dtype == torch.float32 else 1e-2), f"w8a16 {m}x{n}x{k} group={group} {dtype}: {err:.3g}"
     return err
+
+
+def check_quantize_rows(device: str, m: int, k: int, dtype: torch.dtype, seed: int = 0) -> None:
+    """The one-kernel per-token quantization vs quantize_rows: scales equal to 1e-6 relative (the same fp32
+    amax / max), quantized values equal up to one FP8 rounding step (x / s rounds the same way in both; a
+    value at a rounding tie may land either side), outliers saturate instead of turning NaN."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = (torch.randn(m, k, generator=g, device=device) * torch.rand(m, 1, generator=g, device=device) * 8).to(dtype)
+    q1, s1 = F8.quantize_rows_fused(x)
+    q2, s2 = F8.quantize_rows(x)
+    assert q1.dtype == torch.float8_e4m3fn and s1.shape == (m, 1)
+    torch.testing.assert_close(s1, s2, rtol=1e-6, atol=0)
+    a, b = q1.float(), q2.float()
+    assert torch.isfinite(a).all() and ((a - b).abs() <= 0.125 * b.abs() + 1e-6).all()
+    assert (a == b).float().mean() > 0.99
 
 
 def fp8_pool_case(case, fp8_dtype: torch.dtype, k_scale: float, v_scale: float):
@@ -133,6 +149,12 @@ needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.g
 @pytest.mark.parametrize("group", [False, True])
 def test_w8a16_gpu(m, nk, group):
     check_w8a16("cuda", m, *nk, group, torch.bfloat16, seed=m)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("mk", [(1, 4096), (64, 4096), (300, 14336), (5, 200)])
+def test_quantize_rows_fused_gpu(mk):
+    check_quantize_rows("cuda", *mk, torch.bfloat16)
 
 
 @needs_fp8_gpu

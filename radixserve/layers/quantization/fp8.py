@@ -31,10 +31,14 @@ FP8 = torch.float8_e4m3fn
 
 def w8a8_min_tokens(n: int, k: int) -> int:
     """Tokens per matmul from which W8A8 (_scaled_mm) replaces the W8A16 kernel (per-row scales). Measured on
-    an H200 at the Llama-3.1-8B shapes (benchmarks/results/fp8_gemm_h200_*.json): W8A8 overtakes at 32-128
-    tokens for the big projections (gate_up 28672 x 4096, down 4096 x 14336) and between 256 and 1024 for
-    the small ones (qkv 6144 x 4096, o 4096 x 4096), whose weight-only kernel stays cheaper for longer."""
-    return 64 if n * k >= 48 << 20 else 512
+    an H200 at the Llama-3.1-8B shapes (benchmarks/results/fp8_gemm_h200_gemv.json): from 64 tokens
+    `_scaled_mm` alone beats the W8A16 tile on every shape (qkv 28.7 against 61.2 us at 64 tokens, o 65.8 vs
+    75.3, gate_up 56.1 vs 126.9, down 73.3 vs 83.2); the unfused activation quantization that used to come
+    with it (six kernels, 50-100 us eager) had kept qkv and o on W8A16 up to 512 tokens, which made FP8 slower
+    than bf16 in offline decode (0.79x). quantize_rows_fused is one kernel. Matrices under 4096 x 4096 keep
+    the weight-only kernel up to 512 tokens: launch-bound there, where quantizing activations costs accuracy
+    and buys nothing."""
+    return 64 if n * k >= 1 << 24 else 512
 
 
 def fp8_supported(device: torch.device) -> bool:
@@ -85,7 +89,7 @@ class Fp8LinearMethod(LinearMethod):
 def _scaled_mm_w8a8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, input_scale: torch.Tensor | None,
                     bias: torch.Tensor | None) -> torch.Tensor:
     if input_scale is None:
-        xq, xs = K.quantize_rows(x)
+        xq, xs = torch.ops.radixserve.quantize_rows_fp8(x)
     else:
         xs = input_scale.float().reshape(1, 1).expand(x.shape[0], 1).contiguous()
         xq = K.to_fp8(x / input_scale.to(x.dtype))
@@ -104,6 +108,17 @@ def w8a16_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: to
 @w8a16_linear.register_fake
 def _(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], w.shape[0])
+
+
+@torch.library.custom_op("radixserve::quantize_rows_fp8", mutates_args=())
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token e4m3 quantization in one kernel (kernels.fp8.quantize_rows_fused), opaque to torch.compile."""
+    return K.quantize_rows_fused(x)
+
+
+@quantize_rows_fp8.register_fake
+def _(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape, dtype=FP8), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
 
 class Fp8OnlineLinearMethod(Fp8LinearMethod):

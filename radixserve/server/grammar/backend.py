@@ -71,7 +71,7 @@ def bitmask_words(vocab_size: int) -> int:
 
 
 def create_backend(name: str, tokenizer: object, vocab_size: int, eos_ids: list[int],
-                   parallel: bool = True) -> GrammarBackend:
+                   parallel: bool = False) -> GrammarBackend:
     """The backend named by --grammar-backend (only llguidance is built; see grammar/__init__.py)."""
     if name != "llguidance":
         raise ValueError(f"--grammar-backend {name!r}: radixserve implements llguidance only")
