@@ -223,3 +223,14 @@ def test_chat_plan_tools_prompt_and_refusals() -> None:
                                                   "guided_choice": ["a", "b"], "logit_bias": {"5": -100}})
     plan = s.chat_plan(plain)
     assert plan.grammar == ("lark", 'start: "a" | "b"') and plan.logit_bias == {5: -100.0}
+
+
+def test_grammar_overhead_round(engine: Engine) -> None:
+    """bench.grammar_overhead's timed round on the CPU engine: the constrained batch's tokens are counted, its
+    mask fill is timed, and what the requests wrote follows the benchmark's schema so far."""
+    from radixserve.bench.grammar import SCHEMA
+    from radixserve.bench.grammar_overhead import timed_round
+    prompt = chat(engine, "Describe a user as JSON.")
+    r = timed_round(engine, [prompt, prompt[1:]], 4, ("json_schema", json.dumps(SCHEMA)))
+    assert r["tokens"] >= 4 and r["mask_ms_per_step"] > 0 and r["us_per_token"] > 0
+    assert r["sample_output"].startswith('{"')
