@@ -38,6 +38,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: bool = False
     top_logprobs: int = 0
+    # Prompt logprobs (SGLang's logprob_start_len): the logprob of every prompt token from this position on,
+    # and its top_logprobs alternatives. -1: none (only the output's). The first entry has no logprob: it is
+    # the token at this position, whose prediction would need the position before (see Req.input_logprobs).
+    logprob_start_len: int = -1
     skip_special_tokens: bool = True
     no_stop_trim: bool = False  # keep a matched stop string / stop token in the text
     # (kind, text), kind json_schema | regex | ebnf | lark: constrained decoding (server/grammar/)
@@ -74,6 +78,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if not 0 <= self.top_logprobs <= 20:
             raise ValueError(f"top_logprobs must be in [0, 20], got {self.top_logprobs}")
+        if self.logprob_start_len < -1:
+            raise ValueError(f"logprob_start_len must be -1 (output logprobs only) or >= 0, "
+                             f"got {self.logprob_start_len}")
         if self.grammar is not None and self.grammar[0] not in ("json_schema", "regex", "ebnf", "lark"):
             raise ValueError(f"grammar kind must be json_schema, regex, ebnf or lark, got {self.grammar[0]!r}")
         for tok, bias in (self.logit_bias or {}).items():
@@ -126,6 +133,13 @@ class Req:
     grammar: object = None  # grammar Matcher of a constrained request (server/grammar/backend.py)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Prompt logprobs (sampling_params.logprob_start_len = s >= 0): input_logprobs[j] is the logprob of prompt
+    # token s + 1 + j given the tokens before it, computed at position s + j, gathered over the prefill chunks.
+    # logprob_pos: the next prompt position to compute, advanced when a step is launched (its results arrive
+    # later under overlap scheduling); the prefix cache match is capped there so those positions are computed.
+    input_logprobs: list[float] = field(default_factory=list)
+    input_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    logprob_pos: int = 0
     retracted: int = 0
     bootstrap: object = None  # PD disaggregation: BootstrapInfo (room, prefill's bootstrap address)
     hops: list[float] | None = None  # --enable-request-time-stats-logging: scheduler stamps (request_timing)
@@ -159,6 +173,19 @@ class Req:
         scheduler advances when it launches a step, so it is right even while the previous token
         is still in flight (overlap scheduling); falls back to the output count outside a step."""
         return max(self.kv_len - len(self.origin_input_ids), len(self.output_ids))
+
+    @property
+    def prompt_logprobs_left(self) -> int:
+        """Prompt positions whose logprobs are still to compute (0 for a request that asked for none)."""
+        if self.sampling_params.logprob_start_len < 0:
+            return 0
+        return max(len(self.origin_input_ids) - 1 - self.logprob_pos, 0)
+
+    @property
+    def input_logprobs_done(self) -> bool:
+        """Every prompt logprob the request asked for is computed and gathered."""
+        s = self.sampling_params.logprob_start_len
+        return s >= 0 and len(self.input_logprobs) == max(len(self.origin_input_ids) - 1 - s, 0)
 
     @property
     def remaining_new_tokens(self) -> int:

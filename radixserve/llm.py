@@ -26,6 +26,18 @@ class RequestOutput:
     cached_tokens: int
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # SamplingParams.logprob_start_len = s >= 0: one entry per prompt token from s, None for the first (nothing
+    # before it is computed), then the logprob of each token given the ones before it; top rows likewise
+    prompt_logprobs: list[float | None] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None
+
+
+def prompt_logprobs(req: Req) -> tuple[list[float | None] | None, list[list[tuple[int, float]] | None] | None]:
+    """RequestOutput's prompt fields of a finished request (rank processes build them too)."""
+    if req.sampling_params.logprob_start_len < 0:
+        return None, None
+    tops = [None, *req.input_top_logprobs] if req.sampling_params.top_logprobs else None
+    return [None, *req.input_logprobs], tops
 
 
 class LLM:
@@ -78,4 +90,5 @@ class LLM:
         reqs = self.engine.run_to_completion([Req(i, p) for i, p in zip(ids, params)])
         return [RequestOutput(self.engine.output_text(r), list(r.output_ids), r.finish_reason.value,
                               len(r.origin_input_ids), r.cached_tokens,
-                              r.output_logprobs or None, r.output_top_logprobs or None) for r in reqs]
+                              r.output_logprobs or None, r.output_top_logprobs or None, *prompt_logprobs(r))
+                for r in reqs]

@@ -34,6 +34,7 @@ def _rank_main(args: ServerArgs, spec: Any, local_ranks: int, conn: Connection) 
     from radixserve.core import Req
     from radixserve.distributed.bootstrap import host_share, init_rank
     from radixserve.engine_unit import Engine
+    from radixserve.llm import prompt_logprobs
     logging.basicConfig(level=args.log_level.upper() if spec.is_leader else "WARNING",
                         format=f"[%(asctime)s DP{spec.dp_rank} TP{spec.tp_rank}] %(message)s")
     try:
@@ -53,7 +54,8 @@ def _rank_main(args: ServerArgs, spec: Any, local_ranks: int, conn: Connection) 
                 continue
             conn.send(("done", [(engine.output_text(r), list(r.output_ids), r.finish_reason.value,
                                  len(r.origin_input_ids), r.cached_tokens, r.output_logprobs or None,
-                                 r.output_top_logprobs or None) for r in reqs] if spec.is_leader else None))
+                                 r.output_top_logprobs or None, *prompt_logprobs(r)) for r in reqs]
+                          if spec.is_leader else None))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -123,3 +123,76 @@ def test_offline_api_chat(engine):
     outs = llm.generate(["1, 2, 3,", [1, 2, 3]], [SamplingParams(temperature=0, max_new_tokens=4),
                                                    SamplingParams(temperature=0, max_new_tokens=3)])
     assert [len(o.token_ids) for o in outs] == [4, 3] and outs[0].finish_reason == "length"
+
+
+# ---- prompt logprobs (SamplingParams.logprob_start_len) ------------------------------------------------------
+PROMPT_LP_TOL = 1e-3  # abs, on log_softmax values of magnitude ~1-20 (float32; measured ~3e-5)
+
+
+@pytest.fixture(scope="module")
+def hf_prompt_logprobs(hf_model, prompts) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per prompt: HF's logprob of token p + 1 at every position p, and its top-3 token ids there."""
+    out = []
+    for ids in prompts:
+        with torch.no_grad():
+            lp = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        out.append((lp.gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1), lp.topk(3, dim=-1).indices))
+    return out
+
+
+def check_prompt_logprobs(req: Req, ref: tuple[torch.Tensor, torch.Tensor]) -> None:
+    s = req.sampling_params.logprob_start_len
+    vals, top = ref
+    assert len(req.input_logprobs) == len(req.origin_input_ids) - 1 - s
+    assert (torch.tensor(req.input_logprobs) - vals[s:]).abs().max().item() < PROMPT_LP_TOL
+    assert [[t for t, _ in row] for row in req.input_top_logprobs] == top[s:].tolist()
+    assert all(row[0][1] >= lp - 1e-6 for row, lp in zip(req.input_top_logprobs, req.input_logprobs))
+
+
+@pytest.mark.parametrize("mode", ["batched", "page4_chunked16_overlap", "chunked16_mixed"])
+def test_prompt_logprobs_match_hf(engine, prompts, hf_greedy, hf_prompt_logprobs, mode):
+    """Prompt logprobs equal HF's log_softmax at the asked positions (start 0 and > 0, top-3 ids equal), in a
+    batch where other requests ask for none; the same prompts again hit the radix cache, which must be capped
+    so the positions are recomputed; every request's greedy tokens stay HF's."""
+    changes = {"batched": {},  # the chat prompts (30-40 tokens) span two or three 16-token chunks:
+               "page4_chunked16_overlap": dict(page_size=4, chunked_prefill_size=16, enable_overlap_schedule=True),
+               "chunked16_mixed": dict(chunked_prefill_size=16, enable_mixed_chunk=True)}[mode]
+    sched = Scheduler(dataclasses.replace(engine.args, **changes), engine.runner, engine.tokenizer)
+    for rnd in range(2):  # the second round finds every prompt in the radix cache
+        reqs, refs = [], []
+        for i, ids in enumerate(prompts):
+            for start in (-1, 0, 3)[i % 2:]:  # -1: a request that asks for none, beside ones that do
+                sp = SamplingParams(temperature=0, max_new_tokens=2, ignore_eos=True, logprobs=start >= 0,
+                                    top_logprobs=3 if start >= 0 else 0, logprob_start_len=start)
+                reqs.append(Req(list(ids), sp))
+                refs.append(i)
+        for r in reqs:
+            sched.add_request(r)
+        while sched.has_work:
+            sched.step()
+        for r, i in zip(reqs, refs):
+            assert r.output_ids == hf_greedy[i][:2], (mode, rnd, i)
+            if r.sampling_params.logprob_start_len < 0:
+                assert r.input_logprobs == [] and (rnd == 0 or r.cached_tokens >= len(prompts[i]) - 8)
+            else:
+                check_prompt_logprobs(r, hf_prompt_logprobs[i])
+                assert r.cached_tokens <= r.sampling_params.logprob_start_len
+    sched.cache.evict(1 << 30)
+    assert sched.allocator.free_tokens == sched.allocator.capacity_tokens, "KV pages leaked"
+
+
+def test_prompt_logprobs_without_output(engine, prompts, hf_prompt_logprobs):
+    """max_new_tokens 0 with prompt logprobs (scoring a text): a prefill that keeps no token."""
+    sched = Scheduler(engine.args, engine.runner, engine.tokenizer)
+    req = Req(list(prompts[2]), SamplingParams(max_new_tokens=0, top_logprobs=3, logprob_start_len=0))
+    sched.add_request(req)
+    while sched.has_work:
+        sched.step()
+    assert req.finish_reason.value == "length" and req.output_ids == [] and req.output_logprobs == []
+    check_prompt_logprobs(req, hf_prompt_logprobs[2])
+    with pytest.raises(ValueError, match="logprob_start_len"):
+        sched.add_request(Req(list(prompts[2]), SamplingParams(logprob_start_len=len(prompts[2]))))
+    with pytest.raises(ValueError, match="logprob_start_len"):
+        SamplingParams(logprob_start_len=-2)
+    sched.cache.evict(1 << 30)
+    assert sched.allocator.free_tokens == sched.allocator.capacity_tokens

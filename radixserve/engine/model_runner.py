@@ -1,5 +1,6 @@
 """ModelRunner: owns the model, the KV pool and the attention backend; turns a scheduled batch
-into a ForwardBatch and returns last-position logits."""
+into a ForwardBatch and returns last-position logits (and, for an extend step whose requests asked for
+prompt logprobs, the log_softmax at their prompt positions: engine/prompt_logprobs.py)."""
 from __future__ import annotations
 
 import logging
@@ -18,6 +19,7 @@ from radixserve.engine.auto_memory import activation_peak_bytes, auto_fraction
 from radixserve.engine.compile import compile_decode
 from radixserve.engine.cuda_graph import CudaGraphRunner
 from radixserve.engine.piecewise import PiecewiseRunner, padding_batch
+from radixserve.engine.prompt_logprobs import PromptLogprobPlan, compute_prompt_logprobs
 from radixserve.forward_batch import ForwardBatch
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool, is_fp8, kv_cache_dtype
 from radixserve.layers.attention import FORWARD_CONTEXT
@@ -174,20 +176,25 @@ class ModelRunner:
         return tokens
 
     @torch.inference_mode()
-    def forward(self, reqs: list[Req], is_decode: bool, decode_tail: int = 0) -> torch.Tensor:
+    def forward(self, reqs: list[Req], is_decode: bool, decode_tail: int = 0,
+                prompt: PromptLogprobPlan | None = None) -> torch.Tensor:
         """Run one step for `reqs`: each computes `req.extend_len` tokens starting at `req.kv_len`,
         whose slots the scheduler already wrote into req_to_token. Returns logits [B, vocab].
         `decode_tail`: the last that many requests of an extend batch are decode steps (a mixed batch),
-        whose input token is still on the device (last_token) under overlap scheduling."""
+        whose input token is still on the device (last_token) under overlap scheduling.
+        `prompt` (extend steps only): the prompt positions whose logprobs to compute; filled in place."""
+        assert prompt is None or not is_decode, "prompt logprobs come from extend steps"
         fb = self.prepare(reqs, is_decode, decode_tail)
         self.used_graph = bool(is_decode and self.graphs is not None and self.graphs.can_run(len(reqs)))
         if self.used_graph:
             return self.graphs.replay(fb)
-        return self.run_model(fb)
+        return self.run_model(fb, prompt)
 
-    def run_model(self, fb: ForwardBatch) -> torch.Tensor:
+    def run_model(self, fb: ForwardBatch, prompt: PromptLogprobPlan | None = None) -> torch.Tensor:
         """One eager forward (or the one a CUDA graph captures): compiled for small decode batches under
-        --enable-torch-compile. Decode logits_idx is arange(B), so the compiled path skips the gather."""
+        --enable-torch-compile. Decode logits_idx is arange(B), so the compiled path skips the gather.
+        An extend step with a `prompt` plan keeps the hidden states of every token for the LM head at the
+        planned rows; without one the model gathers the last positions itself, as before."""
         self.attn.init_forward_metadata(fb)
         if self.compiled_decode is not None and fb.is_decode and fb.batch_size <= self.args.torch_compile_max_bs:
             with FORWARD_CONTEXT.bind(fb, self.attn_layers):
@@ -195,8 +202,13 @@ class ModelRunner:
         if self.piecewise is not None and not fb.is_decode and self.piecewise.can_run(fb.input_ids.numel()):
             with FORWARD_CONTEXT.bind(fb, self.attn_layers):
                 hidden = self.piecewise.run(fb)
-            return self.model.logits(hidden[fb.logits_idx])
-        return self.model(fb)
+        elif prompt is None:
+            return self.model(fb)
+        else:
+            hidden = self.model.model(fb.input_ids, fb.positions, fb)
+        if prompt is not None:
+            compute_prompt_logprobs(prompt, hidden, self.model.logits)
+        return self.model.logits(hidden[fb.logits_idx])
 
     def prepare(self, reqs: list[Req], is_decode: bool, decode_tail: int = 0) -> ForwardBatch:
         """The batch's index tensors, packed into one CPU buffer and sent to the device in one copy: each

@@ -4,6 +4,10 @@ Each `step()` runs at most one forward pass: a prefill batch if the adder admits
 has priority, as in SGLang), else one decode step for every running request. KV memory is
 reserved for running requests' future tokens via `new_token_ratio`; when a decode step still does
 not fit, requests are retracted (their KV handed to the prefix cache) and re-queued.
+
+Prompt logprobs (a request's `logprob_start_len`): each extend step also computes the log_softmax at the
+prompt positions its chunks cover (engine/prompt_logprobs.py), and a cached prefix is matched only up to
+the first position still to compute, so those positions run through the model again.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from radixserve.detokenizer import IncrementalDetokenizer, find_stop
 from radixserve.disaggregation.decode_queue import DecodeQueue
 from radixserve.disaggregation.endpoint import DecodeEndpoint, PrefillEndpoint, make_endpoint
 from radixserve.engine.model_runner import ModelRunner
+from radixserve.engine.prompt_logprobs import PromptLogprobPlan, plan_step
 from radixserve.engine.sampler import SampleOutput, Sampler
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.scheduler.cache_factory import make_cache
@@ -47,6 +52,7 @@ class Launched:
     # have advanced the matchers (overlap scheduling), see Scheduler.step
     logits: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    prompt: PromptLogprobPlan | None = None  # prompt logprobs this step computed (on their way to the CPU)
 
 
 INIT_NEW_TOKEN_RATIO = 0.7
@@ -120,6 +126,12 @@ class Scheduler:
 
     def add_request(self, req: Req) -> None:
         self.validate(len(req.origin_input_ids), req.sampling_params.max_new_tokens)
+        start, n = req.sampling_params.logprob_start_len, len(req.origin_input_ids)
+        if start >= n:
+            raise ValueError(f"logprob_start_len ({start}) must be less than the prompt length ({n})")
+        # a PD decode request's prompt is prefilled on another server: it has no prompt logits here
+        pd_decoded = req.bootstrap is not None and self.pd_decode is not None
+        req.logprob_pos = n - 1 if start < 0 or pd_decoded else start
         req.eos_token_ids = self.eos_ids
         req.seed = req.sampling_params.seed if req.sampling_params.seed is not None else self.rng.getrandbits(63)
         if req.sampling_params.stop and self.tokenizer is not None:
@@ -130,10 +142,10 @@ class Scheduler:
             req.grammar = self.grammar.backend.matcher(*req.sampling_params.grammar)  # GrammarError: a 400
         self.stats.prompt_tokens_total += len(req.origin_input_ids)
         self.stats.on_enqueue(req)
-        if req.sampling_params.max_new_tokens == 0:
+        if req.sampling_params.max_new_tokens == 0 and not req.prompt_logprobs_left:
             req.finish_reason = FinishReason.LENGTH
-            self.early.append(req)
-        elif req.bootstrap is not None and self.pd_decode is not None:
+            self.early.append(req)  # (asking for prompt logprobs, it runs a prefill that samples nothing)
+        elif pd_decoded:
             self.pd_decode.add(req)  # its prompt's KV comes from a prefill server
         else:
             self.waiting.append(req)
@@ -215,7 +227,10 @@ class Scheduler:
             return None
         else:
             batch, is_decode = self._schedule_decode(), True
-        logits = self.runner.forward(batch, is_decode=is_decode, decode_tail=mixed)
+        prompt = None if is_decode else plan_step(batch[:len(batch) - mixed])
+        logits = self.runner.forward(batch, is_decode=is_decode, decode_tail=mixed, prompt=prompt)
+        if prompt is not None:
+            prompt.to_host()
         if is_decode:  # one token each, and every request samples
             for req in batch:
                 req.kv_len += 1
@@ -237,12 +252,12 @@ class Scheduler:
             for req in sampled:
                 rt.stamp(req, rt.LAUNCHED)
             if not sampled:
-                return Launched(batch, is_decode, [], None, None)
+                return Launched(batch, is_decode, [], None, None, prompt=prompt)
             dev = self.runner.device
             if len(idx) < len(batch):
                 logits = logits[to_device(int64_tensor(idx), dev)]
             sampled_rows = to_device(int64_tensor([r.req_pool_idx for r in sampled]), dev)
-        launched = Launched(batch, is_decode, sampled, None, None, logits=logits, rows=sampled_rows)
+        launched = Launched(batch, is_decode, sampled, None, None, logits=logits, rows=sampled_rows, prompt=prompt)
         if not (self.overlap and self.grammar is not None and self.grammar.constrained(sampled)):
             self._sample(launched)
         return launched
@@ -297,7 +312,10 @@ class Scheduler:
             return batch
         cached, in_batch = 0, set()
         for req in order_waiting(self.waiting, self.args.schedule_policy, self.cache):
-            match = self.cache.match_for_admission(req.fill_ids[:-1], req.rid)
+            # at least the last token is computed (its logits sample), and every prompt position whose
+            # logprob is still wanted: a cached prefix has KV but no logits
+            match = self.cache.match_for_admission(
+                req.fill_ids[:req.logprob_pos if req.prompt_logprobs_left else -1], req.rid)
             if match is None:  # HiCache: its prefix is still being read from storage (prefetch policy)
                 continue
             # In-batch prefix check (SGLang's, for lpm): a request that shares its opening tokens with
@@ -435,6 +453,8 @@ class Scheduler:
 
     # ---- results ------------------------------------------------------------------------------
     def _process(self, launched: Launched) -> list[Req]:
+        if launched.prompt is not None:  # before the tokens: a request's first output carries its prompt logprobs
+            launched.prompt.deliver()
         if not launched.sampled:
             return []
         if launched.copied is not None:
@@ -442,12 +462,19 @@ class Scheduler:
         ids = launched.ids_cpu.tolist()
         out = launched.out
         lps = out.logprobs.tolist() if out.logprobs is not None else None
-        done, finished = [], []
-        running = set(self.running) if not launched.is_decode else set()
+        done, finished, prefill_only = [], [], 0
+        prefill = not launched.is_decode
+        running = set(self.running) if prefill else set()
         for i, (req, tok) in enumerate(zip(launched.sampled, ids)):
             if req.finish_reason is not None:  # finished (or aborted) while this step was in flight: void
                 continue
             rt.stamp(req, rt.READY)
+            if prefill and req.sampling_params.max_new_tokens == 0:  # for prompt logprobs only: no token is kept
+                req.finish_reason = FinishReason.LENGTH
+                finished.append(req)
+                done.append(req)
+                prefill_only += 1
+                continue
             req.output_ids.append(tok)
             if lps is not None and (req.sampling_params.logprobs or req.sampling_params.top_logprobs):
                 req.output_logprobs.append(lps[i])
@@ -463,7 +490,7 @@ class Scheduler:
             elif not launched.is_decode and req not in running:  # a mixed batch's decode part runs already
                 self.running.append(req)  # prefill done: decode from the next step
             done.append(req)
-        self.stats.generation_tokens_total += len(done)
+        self.stats.generation_tokens_total += len(done) - prefill_only
         if finished:  # one pass over each queue instead of a list.remove per request
             gone = set(finished)
             self.running[:] = [r for r in self.running if r not in gone]
