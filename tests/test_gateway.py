@@ -228,6 +228,28 @@ def test_pd_decode_computes_no_prompt(pd_gw: Gateway, workers) -> None:
     assert b.log().count("Prefill batch") == b_before
 
 
+def test_pd_prompt_logprobs(pd_gw: Gateway, workers) -> None:
+    """/generate's prompt logprobs under PD come from the prefill server: the decode server's input_token_logprobs
+    is empty (SGLang's contract) and the gateway merges the prefill's in, so they equal plain serving. What the
+    gateway does not merge (input top logprobs; echo with logprobs on /v1/completions) is a 400 on both sides."""
+    a, b, boot = workers
+    text, extra = PREFIX_B + "When is the next train?", {"return_logprob": True, "logprob_start_len": 0}
+    pd = generate(pd_gw.url, text, max_new_tokens=4, **extra)["meta_info"]["input_token_logprobs"]
+    plain = generate(b.base_url, text, max_new_tokens=4, **extra)["meta_info"]["input_token_logprobs"]
+    assert [e[1] for e in pd] == [e[1] for e in plain] and pd[0][0] is None and plain[0][0] is None
+    assert max(abs(x[0] - y[0]) for x, y in zip(pd[1:], plain[1:])) < 1e-3
+    default = generate(pd_gw.url, text, max_new_tokens=2, return_logprob=True, top_logprobs_num=1)["meta_info"]
+    assert default["input_token_logprobs"] == [[None, plain[-1][1], None]] and default["input_top_logprobs"] == [None]
+    room = {"bootstrap_host": "127.0.0.1", "bootstrap_port": boot, "bootstrap_room": 12345}
+    refused = [("/generate", {"text": text, **extra, "top_logprobs_num": 2, **room}, "logprob_start_len"),
+               ("/v1/completions", {"prompt": text, "max_tokens": 2, "echo": True, "logprobs": 1, **room}, "echo")]
+    for path, body, param in refused:
+        for server in (a, b):
+            r = httpx.post(server.base_url + path, json=body, timeout=30)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "PD" in r.json()["error"]["message"]
+
+
 # ---- PD failures: nothing is lost -------------------------------------------------------------------------
 def _pd_body(boot_port: int, room: int, text: str = "1, 2, 3, 4, 5, 6, 7, 8,") -> dict:
     return {"text": text, "sampling_params": {"max_new_tokens": 4, "temperature": 0},

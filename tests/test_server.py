@@ -188,6 +188,58 @@ def test_completion_token_ids_and_echo(client: openai.OpenAI, model: str) -> Non
     assert [c.index for c in batch.choices] == [0, 1] and batch.usage.prompt_tokens == 8
 
 
+def lp_close(a: list, b: list, tol: float = 1e-3) -> bool:
+    """Logprob lists equal up to float noise (None where the other has None)."""
+    return len(a) == len(b) and all((x is None) == (y is None) and (x is None or abs(x - y) < tol)
+                                    for x, y in zip(a, b))
+
+
+def test_completion_echo_logprobs(client: openai.OpenAI, model: str, base_url: str) -> None:
+    """echo with logprobs (prompt logprobs): the prompt's entries, null for its first token, then the output's,
+    in OpenAI's layout; the same from the radix cache, streamed (prompt part in the first chunk), for n = 2 and
+    two prompts, and as /generate's input_token_logprobs from logprob_start_len on."""
+    ids = [504, 3575, 282, 4649, 314]  # "The capital of France is"
+    kw = {"model": model, "prompt": ids, "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 2,
+          "extra_body": {"ignore_eos": True}}
+    r = client.completions.create(**kw)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 5 + 3
+    assert "".join(lp.tokens[:5]) == "The capital of France is" == r.choices[0].text[:24]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and all(1 <= len(t) <= 2 for t in lp.top_logprobs[1:])
+    assert all(max(t.values()) >= v - 1e-6 for t, v in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    assert lp.text_offset[:6] == [0, 3, 11, 14, 21, 24]
+    # the prompt's last logprob is what the sampler reports for that token after the prompt one token shorter
+    short = client.completions.create(model=model, prompt=ids[:4], max_tokens=1, temperature=0, logprobs=1)
+    assert short.choices[0].logprobs.tokens == [lp.tokens[4]]
+    assert lp_close(short.choices[0].logprobs.token_logprobs, lp.token_logprobs[4:5])
+    again = client.completions.create(**kw)  # the prompt is in the radix cache now: recomputed, not skipped
+    assert again.choices[0].logprobs.tokens == lp.tokens and lp_close(again.choices[0].logprobs.token_logprobs,
+                                                                    lp.token_logprobs)
+    chunks = list(client.completions.create(**kw, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == "The capital of France is" and first.logprobs.tokens == lp.tokens[:5]
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.tokens] == lp.tokens
+    assert lp_close([v for s in streamed for v in s.token_logprobs], lp.token_logprobs)
+    assert [o for s in streamed for o in s.text_offset] == lp.text_offset
+    batch = client.completions.create(model=model, prompt=[ids, ids[:3]], n=2, max_tokens=2, temperature=0,
+                                      echo=True, logprobs=1)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    for c, k in zip(batch.choices, (5, 5, 3, 3)):
+        assert c.logprobs.tokens[:k] == lp.tokens[:k] and lp_close(c.logprobs.token_logprobs[:k], lp.token_logprobs[:k])
+    native = post_json(base_url, "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1,
+                       "temperature": 0}, "return_logprob": True, "logprob_start_len": 2, "top_logprobs_num": 2,
+                       "return_text_in_logprobs": True})["meta_info"]
+    entries = native["input_token_logprobs"]
+    assert [e[1:] for e in entries] == [[t, s] for t, s in zip(ids[2:], lp.tokens[2:5])]
+    assert lp_close([e[0] for e in entries], [None] + lp.token_logprobs[3:5])
+    assert native["input_top_logprobs"][0] is None and [len(row) for row in native["input_top_logprobs"][1:]] == [2, 2]
+    default = post_json(base_url, "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1},
+                                                "return_logprob": True})["meta_info"]
+    assert default["input_token_logprobs"] == [[None, ids[-1], None]] and "input_top_logprobs" not in default
+
+
 def test_stop_string_cuts_exactly(client: openai.OpenAI, model: str, greedy_completion) -> None:
     full = greedy_completion.choices[0].text
     k = len(full) // 2
@@ -271,6 +323,11 @@ BAD = [  # id, path, body, status, param, code (None: any)
     ("empty-stop", CMPL_URL, {"prompt": "x", "stop": [""]}, 400, "stop", None),
     ("top-logprobs-alone", CHAT_URL, {"messages": MSG, "top_logprobs": 2}, 400, "top_logprobs", None),
     ("generate-no-input", "/generate", {"sampling_params": {"max_new_tokens": 2}}, 400, "text", None),
+    ("logprob-start-past-prompt", "/generate", {"input_ids": [1, 2, 3], "return_logprob": True,
+                                                "logprob_start_len": 3}, 400, "logprob_start_len", None),
+    ("logprob-start-negative", "/generate", {"text": "x", "logprob_start_len": -2}, 400, "logprob_start_len", None),
+    ("vllm-prompt-logprobs", CMPL_URL, {"prompt": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs",
+     "unsupported_parameter"),
     ("unknown-path", "/v1/nope", {}, 404, None, None),
 ]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -45,7 +45,8 @@ def error_response(e: RequestError) -> Response:
 def from_validation_error(exc: RequestValidationError) -> RequestError:
     """The first pydantic error as a sentence that names the parameter, with OpenAI's codes."""
     err = exc.errors()[0]
-    loc = [str(p) for p in err["loc"][1:] if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))]
+    loc = [str(p) for p in err["loc"][1:]
+           if not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS or p.startswith("constrained-")))]
     path = ".".join(loc)
     param, kind = (loc[0] if loc else None), err["type"]
     if kind == "json_invalid":
@@ -94,6 +95,8 @@ class Choice:
     matched: int | str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    input_logprobs: list[float] | None = None  # prompt logprobs, from the first output (StrOut.input_logprobs)
+    input_top_logprobs: list[list[tuple[int, float]]] | None = None
 
     def add(self, o: StrOut) -> None:
         self.text += o.text
@@ -102,6 +105,22 @@ class Choice:
         self.top_logprobs += o.top_logprobs or []
         self.finish_reason, self.matched = o.finish_reason, o.matched
         self.prompt_tokens, self.cached_tokens = o.prompt_tokens, o.cached_tokens
+        if o.input_logprobs is not None:
+            self.input_logprobs, self.input_top_logprobs = o.input_logprobs, o.input_top_logprobs
+
+
+PromptPart = tuple[list[float], list[list[tuple[int, float]]] | None]
+
+
+def prompt_parts(outs: Iterable[tuple[int, StrOut | Choice]], n: int, num_prompts: int) -> list[PromptPart | None]:
+    """Each prompt's logprobs (values, top rows), from the first of its n choices: only that one computes them
+    (ApiBase.prompt_logprob_starts), the others share its prompt. `outs`: (index, output) of every sequence,
+    the finished choices or a stream's primed first outputs (a choice's first output carries them)."""
+    parts: list[PromptPart | None] = [None] * num_prompts
+    for i, o in outs:
+        if i % n == 0 and o.input_logprobs is not None:
+            parts[i // n] = (o.input_logprobs, o.input_top_logprobs)
+    return parts
 
 
 Gen = AsyncIterator[tuple[int, StrOut]]
@@ -211,6 +230,20 @@ class ApiBase:
         if name is not None:
             raise RequestError(f"'{name}': true is not supported by radixserve; leave it false", param=name,
                                code="unsupported_parameter")
+
+    def prompt_logprob_starts(self, starts: list[int], prompts: list[list[int]], n: int, param: str,
+                              bootstraps: list[BootstrapInfo] | None) -> list[int]:
+        """SamplingParams.logprob_start_len of each of the n * len(prompts) sequences: a prompt's start for its
+        first choice, -1 (none) for the others, which reuse the first's (prompt_parts). A start at or past the
+        end of its prompt is a 400; so are prompt logprobs on a PD decode server, which never sees the
+        prompt's logits (its prefill ran on another server)."""
+        for s, p in zip(starts, prompts):
+            if s >= len(p):
+                raise RequestError(f"logprob_start_len ({s}) must be less than the prompt length ({len(p)})",
+                                   param=param)
+        if bootstraps is not None and self.args.disaggregation_mode == "decode":
+            return [-1] * (n * len(prompts))
+        return [s if i % n == 0 else -1 for s in starts for i in range(n)]
 
     def pd_bootstraps(self, body: Any, count: int) -> list[BootstrapInfo] | None:
         """The PD fields the gateway adds, one per sequence; refused by a server that is not in PD mode (it

@@ -78,7 +78,8 @@ class Detokenizer:
                 del self.states[o.rid]
             hops = o.hops + [time.perf_counter()] if o.hops is not None else None
             outs.append(m.StrOut(o.rid, delta, o.new_ids, o.prompt_tokens, o.cached_tokens,
-                                 o.completion_tokens, o.finish_reason, matched, o.logprobs, o.top_logprobs, hops))
+                                 o.completion_tokens, o.finish_reason, matched, o.logprobs, o.top_logprobs, hops,
+                                 o.input_logprobs, o.input_top_logprobs))
         return m.BatchStrOut(outs)
 
 

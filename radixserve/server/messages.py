@@ -88,6 +88,9 @@ class TokenOut(msgspec.Struct):
     stop_text_len: int | None = None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # prompt logprobs (Req.input_logprobs, logprob_start_len >= 0), with the request's first output only
+    input_logprobs: list[float] | None = None
+    input_top_logprobs: list[list[tuple[int, float]]] | None = None
     stop: list[str] = []  # sent with a request's first output only: the detokenizer holds back
     skip_special_tokens: bool = True  # text that could be the start of a stop string
     # --enable-request-time-stats-logging: perf_counter stamps (request_timing.py); each hop appends its own
@@ -111,6 +114,8 @@ class StrOut(msgspec.Struct):
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     hops: list[float] | None = None  # TokenOut.hops + the detokenizer's send time
+    input_logprobs: list[float] | None = None  # TokenOut's, passed through
+    input_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class BatchStrOut(msgspec.Struct, tag=True):

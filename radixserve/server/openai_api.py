@@ -1,5 +1,12 @@
 """OpenAI API: /v1/chat/completions and /v1/completions (streamed or not, n choices, logprobs, echo,
-usage with cached tokens), plus SGLang's extra sampling fields."""
+usage with cached tokens), plus SGLang's extra sampling fields.
+
+`echo` with `logprobs` on /v1/completions returns the prompt's logprobs before the output's, in OpenAI's
+layout: the prompt's tokens, their logprobs (null for the first, which nothing predicts) and top_logprobs
+(null there too), text offsets into the echoed text. A stream sends the prompt part with the echoed text, in
+each choice's first chunk (as vLLM does). Under PD disaggregation it is refused: no one server has both the
+prompt's logits and the output.
+"""
 from __future__ import annotations
 
 import time
@@ -13,7 +20,7 @@ from jinja2 import TemplateError
 
 from radixserve.args import ServerArgs
 from radixserve.core import SamplingParams
-from radixserve.server.base import ApiBase, chain, json_response, sse, usage
+from radixserve.server.base import ApiBase, Choice, PromptPart, chain, json_response, prompt_parts, sse, usage
 from radixserve.server.messages import StrOut
 from radixserve.server.protocol import ChatCompletionRequest, CompletionRequest, unserved_field
 from radixserve.server.structured import ChoiceStream, Structured, finish_reason, log_request
@@ -49,6 +56,29 @@ class OpenAIApi(ApiBase):
             offset += len(s)
         top = [{self.token_str(a): b for a, b in row} for row in tops] if tops else None
         return {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+
+    def echo_logprobs(self, ids: list[int], part: PromptPart | None, want_top: bool, out: dict | None = None) -> dict:
+        """The prompt's entries (`part`: its logprobs from the engine), followed by those of `out` (the
+        output's completion_logprobs, whose offsets continue after the echoed text)."""
+        vals, tops = part or ([], None)
+        toks = [self.token_str(t) for t in ids]
+        offsets, at = [], 0
+        for s in toks:
+            offsets.append(at)
+            at += len(s)
+        lps = [None, *vals] + [None] * (len(ids) - 1 - len(vals))  # (short only if aborted mid-prefill)
+        top = None
+        if want_top:
+            rows: list[dict | None] = [{self.token_str(a): b for a, b in row} for row in tops or []]
+            top = [None, *rows] + [None] * (len(ids) - 1 - len(rows))
+        lp = {"tokens": toks, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets}
+        if out is not None:
+            lp["tokens"] = toks + out["tokens"]
+            lp["token_logprobs"] = lps + out["token_logprobs"]
+            lp["text_offset"] = offsets + out["text_offset"]
+            if top is not None or out["top_logprobs"] is not None:
+                lp["top_logprobs"] = (top or [None] * len(ids)) + (out["top_logprobs"] or [None] * len(out["tokens"]))
+        return lp
 
     # ---- /v1/chat/completions ----
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -146,40 +176,58 @@ class OpenAIApi(ApiBase):
         if body.best_of is not None and body.best_of != body.n:
             raise RequestError("best_of other than n is not supported", param="best_of",
                                code="unsupported_parameter")
-        if body.echo and body.logprobs is not None:
-            raise RequestError("echo with logprobs needs prompt logprobs, which radixserve does not compute",
-                               param="echo", code="unsupported_parameter")
         prompts = await self.completion_prompts(body.prompt)
         self.check_prompt_len(prompts, "prompt")
         n, want_lp = body.n, body.logprobs is not None
         top = body.logprobs or 0
-        params = self.params(lambda i: constrained(body.sampling_params(body.max_tokens, want_lp, top, i % n),
-                                                   grammar, bias),
-                             n * len(prompts), {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"})
         flat = [p for p in prompts for _ in range(n)]
+        bootstraps = self.pd_bootstraps(body, len(flat))
+        echo_lp = body.echo and want_lp
+        if echo_lp and bootstraps is not None:
+            raise RequestError("echo with logprobs needs the prompt's logprobs, which no server computes under PD "
+                               "disaggregation (the decode server never runs the prompt through the model); send "
+                               "the request to a server without PD, or use /generate with return_logprob and "
+                               "logprob_start_len, whose input_token_logprobs the gateway takes from the prefill "
+                               "server", param="echo", code="unsupported_parameter")
+        starts = self.prompt_logprob_starts([0 if echo_lp else -1] * len(prompts), prompts, n, "prompt", None)
+
+        def make(i: int) -> SamplingParams:
+            sp = constrained(body.sampling_params(body.max_tokens, want_lp, top, i % n), grammar, bias)
+            sp.logprob_start_len = starts[i]
+            return sp
+
+        params = self.params(make, n * len(prompts), {"max_new_tokens": "max_tokens", "top_logprobs": "logprobs"})
         echo = [self.tokenizer.decode(p) if body.echo else "" for p in flat]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if self.args.log_requests:
             log_request("completion", rid, prompts, params)
-        res = await self.submit(rid, flat, params, body.stream, request, "prompt",
-                                bootstraps=self.pd_bootstraps(body, len(flat)))
+        res = await self.submit(rid, flat, params, body.stream, request, "prompt", bootstraps=bootstraps)
         head = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name}
         n_prompt = sum(map(len, prompts))
         if not body.stream:
+            parts = prompt_parts(enumerate(res), n, len(prompts))
+
+            def logprobs(i: int, c: Choice) -> dict | None:
+                if not want_lp:
+                    return None
+                out = self.completion_logprobs(c.ids, c.logprobs, c.top_logprobs, len(echo[i]))
+                return self.echo_logprobs(flat[i], parts[i // n], top > 0, out) if echo_lp else out
+
             choices = [{"index": i, "text": echo[i] + c.text, "finish_reason": c.finish_reason,
-                        "logprobs": self.completion_logprobs(c.ids, c.logprobs, c.top_logprobs, 0) if want_lp
-                        else None, "matched_stop": c.matched} for i, c in enumerate(res)]
+                        "logprobs": logprobs(i, c), "matched_stop": c.matched} for i, c in enumerate(res)]
             cached = sum(c.cached_tokens for i, c in enumerate(res) if i % n == 0)
             return json_response({**head, "choices": choices,
                                   "usage": usage(n_prompt, sum(len(c.ids) for c in res), cached)})
         gen, first = res
         extra = {"usage": None} if body.include_usage else {}
+        parts = prompt_parts(first, n, len(prompts))
 
         async def events() -> AsyncIterator[bytes]:
             offsets = [len(e) for e in echo]
             for i, e in enumerate(echo):
                 if e:
-                    choice = {"index": i, "text": e, "logprobs": None, "finish_reason": None}
+                    lp = self.echo_logprobs(flat[i], parts[i // n], top > 0) if echo_lp else None
+                    choice = {"index": i, "text": e, "logprobs": lp, "finish_reason": None}
                     yield sse({**head, "choices": [choice], **extra})
             completion, cached = 0, 0
             async for i, o in chain(first, gen):

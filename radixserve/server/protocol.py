@@ -24,6 +24,7 @@ Count = Annotated[int, Field(ge=0, le=INT32_MAX)]  # lengths, token counts
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # checked against the vocabulary by the API
 Seed = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 TopK = Annotated[int, Field(ge=-1, le=INT32_MAX)]
+LogprobStart = Annotated[int, Field(ge=-1, le=INT32_MAX)]
 
 
 def lone_surrogate(value: Any) -> bool:
@@ -242,7 +243,9 @@ UNSERVED = {
     "prediction": "predicted outputs are not served", "web_search_options": "no web search is built in",
     "reasoning_effort": "reasoning length is not adjustable; use max_tokens (and chat_template_kwargs)",
     "verbosity": "not adjustable", "min_tokens": "not served", "use_beam_search": "beam search is not built",
-    "length_penalty": "beam search is not built", "prompt_logprobs": "use /v1/completions echo with logprobs",
+    "length_penalty": "beam search is not built",
+    "prompt_logprobs": "vLLM's field is not served; ask /v1/completions for echo with logprobs, or /generate for "
+                       "return_logprob with logprob_start_len",
     "lora_path": "LoRA adapters are not served", "suffix": "fill-in-the-middle is not served",
 }
 IGNORED = ("metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "priority")
@@ -345,6 +348,8 @@ class GenerateRequest(_Bootstrap):
     stream: bool = False
     return_logprob: bool = False
     top_logprobs_num: int = Field(0, ge=0, le=20)
+    # prompt logprobs from this position (one per prompt for a batch); -1: only the output's (SGLang's default)
+    logprob_start_len: LogprobStart | list[LogprobStart] = -1
     rid: str | None = None
     model: str | None = None  # checked like the OpenAI endpoints' (SGLang's gateway always sends it)
     return_text_in_logprobs: bool = False  # token text as the third element of each logprob entry

@@ -126,6 +126,7 @@ class SchedulerLoop:
             else:
                 self.sent[req.rid] = len(ids)
             want_lp = sp.logprobs or sp.top_logprobs > 0
+            prompt_lp = start == 0 and req.input_logprobs_done  # computed over the prefill, sent once
             hops = None
             if req.hops is not None:  # the first output carries the scheduler's stamps, later ones their send time
                 hops = req.hops + [time.perf_counter()] if start == 0 else [time.perf_counter()]
@@ -137,6 +138,8 @@ class SchedulerLoop:
                 stop_text_len=req.stop_text_len,
                 logprobs=req.output_logprobs[start:] if want_lp else None,
                 top_logprobs=req.output_top_logprobs[start:] if sp.top_logprobs > 0 else None,
+                input_logprobs=req.input_logprobs if prompt_lp else None,
+                input_top_logprobs=req.input_top_logprobs if prompt_lp and sp.top_logprobs > 0 else None,
                 stop=sp.stop if start == 0 else [], skip_special_tokens=sp.skip_special_tokens, hops=hops,
                 no_stop_trim=sp.no_stop_trim and start == 0))
         if outs:
