@@ -401,8 +401,9 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--piecewise-cuda-graph-max-tokens"], dict(type=int, help="Largest extend batch (tokens) that runs "
                                                  "piecewise graphs (default 4096); token counts are padded to "
                                                  "the next captured size.")),
-    (["--quantization"], dict(help="fp8: quantize every linear layer of the decoder to float8_e4m3 at load, one "
-                              "scale per output channel (embedding and LM head stay in --dtype); halves the "
+    (["--quantization"], dict(help="fp8: quantize every linear layer of the decoder (and an untied LM head) to "
+                              "float8_e4m3 at load, one scale per output channel (the embedding and a tied "
+                              "head stay in --dtype); halves the "
                               "weight bytes a decode step reads. Needs a GPU of compute capability >= 8.9 or "
                               "CPU. Pre-quantized FP8 checkpoints (config.json quantization_config "
                               "quant_method fp8) need no flag.")),
