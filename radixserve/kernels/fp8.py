@@ -1,5 +1,6 @@
-"""FP8 arithmetic: quantize / dequantize in torch (the CPU twins and the references), and the Triton
-W8A16 GEMM that small batches use on the GPU.
+"""FP8 arithmetic: quantize / dequantize in torch (the CPU twins and the references), and the Triton kernels
+of the GPU path: the W8A16 GEMV (one token row) and GEMM tile (up to 63 rows) that small batches use, and
+the per-token activation quantization in front of W8A8's `torch._scaled_mm`.
 
 Scales follow the checkpoint convention: real value = fp8 value * scale (HF's `weight_scale` and
 `weight_scale_inv` both multiply). A weight's scales are kept as `scale [N, G]`: one per output
@@ -11,8 +12,8 @@ and lets TP split a projection anywhere, not only at block boundaries.
 Why W8A16 for small batches: a decode step reads every weight once and does 2 FLOPs per weight
 byte per token, so at batch <= 64 the matmul is bound by HBM and the win of FP8 is reading half
 the bytes. cuBLASLt's FP8 GEMM is tuned for large shapes (at 1 x 14336 x 4096 on an H200 it moves
-1.4 TB/s against bf16's 3.6); this kernel streams the FP8 tile, upcasts it in registers and runs a
-16-bit tensor-core dot, so the activation never needs quantizing.
+1.4 TB/s against bf16's 3.6); these kernels stream the FP8 tile and upcast it in registers (the GEMV
+multiplies in fp32, the tile runs a 16-bit tensor-core dot), so the activation never needs quantizing.
 """
 from __future__ import annotations
 
