@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 
 from radixserve.args import ServerArgs, make_parser
 from radixserve.bench.grammar import SCHEMA
+from radixserve.bench.offline import workload_vocab
 from radixserve.bench.roofline import device_name, git_commit
 from radixserve.core import Req, SamplingParams
 from radixserve.engine_unit import Engine
@@ -90,10 +91,8 @@ def run(args: ServerArgs, b: argparse.Namespace, argv: list[str]) -> dict:
     engine = Engine(args)
     if engine.scheduler.grammar is None:
         raise SystemExit("constrained decoding is off (--grammar-backend none, or llguidance is not installed)")
-    cfg = engine.runner.cfg
     rng = random.Random(args.seed)
-    special = set(engine.tokenizer.all_special_ids if engine.tokenizer else []) | set(cfg.eos_token_ids)
-    vocab = [i for i in range(min(cfg.vocab_size, len(engine.tokenizer))) if i not in special]
+    vocab = workload_vocab(engine)
     grammar = ("json_schema", json.dumps(SCHEMA))
     timed_round(engine, [rng.choices(vocab, k=16) for _ in range(4)], 2, None)  # warm-up: kernels, graphs
     timed_round(engine, [rng.choices(vocab, k=16) for _ in range(4)], 2, grammar)  # and the compiled schema

@@ -80,6 +80,15 @@ def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
         parser.error(str(e))
 
 
+def workload_vocab(engine: Engine) -> list[int]:
+    """Token ids a synthetic prompt may use: the model's vocabulary that the tokenizer knows, minus special and
+    stop ids (a random stop id would end a request early)."""
+    tok, cfg = engine.tokenizer, engine.runner.cfg
+    special = set(tok.all_special_ids if tok else []) | set(cfg.eos_token_ids)
+    size = cfg.vocab_size if tok is None else min(cfg.vocab_size, len(tok))
+    return [i for i in range(size) if i not in special]
+
+
 def make_workload(b: argparse.Namespace, vocab: list[int], seed: int) -> list[tuple[list[int], int]]:
     """(prompt ids, output length) per request."""
     rng = random.Random(seed)
@@ -154,10 +163,8 @@ def bench_rank(args: ServerArgs, tp: TPGroup, b: argparse.Namespace, argv: list[
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()  # the KV pool is sized from free memory
     engine = Engine(args, tp)
-    tok, sched = engine.tokenizer, engine.scheduler
-    special = set(tok.all_special_ids if tok else []) | set(engine.runner.cfg.eos_token_ids)
-    size = engine.runner.cfg.vocab_size if tok is None else min(engine.runner.cfg.vocab_size, len(tok))
-    vocab = [i for i in range(size) if i not in special]
+    sched = engine.scheduler
+    vocab = workload_vocab(engine)
     if b.workload == "multi-turn":  # its own loop and report (bench/multi_turn.py)
         return multi_turn.bench_rank(engine, args, b, argv, vocab)
     work = make_workload(b, vocab, args.seed)

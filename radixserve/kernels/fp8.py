@@ -17,6 +17,8 @@ multiplies in fp32, the tile runs a 16-bit tensor-core dot), so the activation n
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:
@@ -335,5 +337,4 @@ def quantize_rows_fused(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3f
 
 def _interpreting() -> bool:
     """Triton's CPU interpreter (TRITON_INTERPRET=1, the CPU tests of these kernels)."""
-    import os
     return os.environ.get("TRITON_INTERPRET") == "1"
