@@ -2,16 +2,20 @@
 # Stage-selected H200 runs of this wave's open figures, one device call each (repo root on the GPU host):
 #   bash benchmarks/run_h200.sh OUTDIR STAGES
 # STAGES (comma list, run in this order):
-#   fp8test     the FP8 kernel tests (GEMV at M <= 4, tensor-core tile, W8A8, FP8 KV)
+#   fp8test     the FP8 kernel tests (GEMV at M <= 4, tensor-core tile, W8A8, FP8 KV, the GEMV under PDL in a
+#               CUDA graph) and HiCache's layer-by-layer load against a device-resident prefix
 #   gemvsweep   the W8A16 GEMV's tile sweep inside CUDA graphs (what kernels.fp8.gemv_config follows)
 #   fp8gemm     per-shape GEMM timings, bf16 vs W8A16 (GEMV and tile) vs W8A8, LM head included (issue 12)
-#   fp8b1       batch-1 decode, bf16 then --quantization fp8, 8B preset (issue 12's 1.8x target)
+#   fp8b1       batch-1 decode, bf16, --quantization fp8, and fp8 --disable-pdl, 8B preset (issue 12's 1.8x target)
 #   fp8profile  the fp8 batch-1 step's kernel table (where the rest of the time goes)
 #   fp8offline  offline minisgl, bf16 then fp8 weights + fp8 KV (issue 12's 1.5x target)
 #   grammar     constrained vs plain decode at batch 64, 8B preset, with the default serial mask fill and
 #               with fill pools of 2-16 threads (issue 15's 5 % target)
 #   nano06      offline --workload nanovllm, Qwen3-0.6B (issue 19: compares with nano-vllm's published figures)
 #   nano8b      offline --workload nanovllm, 8B preset
+#   conserv     --schedule-conservativeness auto vs 1.0, requests ending at "EOS" after ~100 of 1024 tokens
+#               (issue 18's H200 target; --eos-every on dummy weights)
+#   hicache     the multi-turn workload with and without HiCache, combined context 4.56x the device pool (issue 13)
 # Every JSON lands in OUTDIR with device, commit and command inside.
 set -uo pipefail
 OUT=${1:?usage: run_h200.sh OUTDIR STAGES}
@@ -27,13 +31,15 @@ run() {
   timeout "$t" "$@" 2>&1 | grep -v "it/s\]\|tensor/s\]" | grep -v "^\[.*\] \(Decode\|Prefill\) batch" | tail -n 30
   echo "--- ${*:1:3}... took $((SECONDS - t0)) s"
 }
-has fp8test && run 150 python -m pytest -q -x -rf tests/gpu/test_fp8_kernels.py
+has fp8test && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_hicache_gpu.py
 has gemvsweep && run 300 python benchmarks/fp8_gemv_sweep.py --output "$OUT/fp8_gemv_sweep_h200.json"
 has fp8gemm && run 100 python benchmarks/fp8_gemm_bench.py --output "$OUT/fp8_gemm_h200_gemv.json"
 if has fp8b1; then
   run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --output "$OUT/fp8_h200_bs1_bf16.json"
   run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
     --output "$OUT/fp8_h200_bs1_fp8.json"
+  run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
+    --disable-pdl --output "$OUT/fp8_h200_bs1_fp8_no_pdl.json"
 fi
 has fp8profile && run 80 python -m radixserve.bench.gpu_idle $M8 --quantization fp8 --batch-size 1 --steps 50 \
   --kernel-table 20 --disable-overlap-schedule --cuda-graph-max-bs 4 --output "$OUT/fp8_h200_bs1_profile.json"
@@ -50,4 +56,10 @@ has nano06 && run 90 python -m radixserve.bench.offline --model qwen3-0.6b --loa
   --output "$OUT/offline_nanovllm_qwen3_0.6b_h200.json"
 has nano8b && run 120 python -m radixserve.bench.offline $M8 --workload nanovllm \
   --output "$OUT/offline_nanovllm_llama8b_h200.json"
+has conserv && run 200 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
+  --num-prompts 1024 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
+  --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b.json"
+has hicache && run 150 python -m radixserve.bench.offline $M8 $TOK --workload multi-turn --enable-hierarchical-cache \
+  --hicache-ratio 5 --max-total-tokens 12288 --cuda-graph-max-bs 16 --num-prompts 12 --num-turns 4 \
+  --random-input-len 4096 --turn-input-len 128 --random-output-len 16 --output "$OUT/hicache_multi_turn_llama8b_h200.json"
 ls -la "$OUT"

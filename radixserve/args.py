@@ -55,6 +55,7 @@ class ServerArgs:
     attention_backend: str | None = None
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
+    disable_pdl: bool = False
     disable_overlap_schedule: bool = False
     enable_overlap_schedule: bool = False
     enable_torch_compile: bool = False
@@ -387,6 +388,10 @@ _FLAGS: list[tuple[list[str], dict]] = [
                                              "triton on CUDA, torch on CPU).")),
     (["--cuda-graph-max-bs"], dict(type=int, help="Largest decode batch captured in a CUDA graph.")),
     (["--disable-cuda-graph"], dict(action="store_true", help="Run decode eagerly.")),
+    (["--disable-pdl"], dict(action="store_true", help="Do not use programmatic dependent launch (on by default "
+                             "on Hopper and later: a decode GEMV becomes resident and prefetches its weights "
+                             "while the small kernel before it runs; not used with torch.compile or piecewise "
+                             "CUDA graphs).")),
     (["--disable-overlap-schedule"], dict(action="store_true", help="Do not overlap CPU scheduling with GPU.")),
     (["--enable-overlap-schedule"], dict(action="store_true", help="Overlap on CPU too (default: only on CUDA).")),
     (["--enable-torch-compile"], dict(action="store_true", help="torch.compile the decode forward for batches up "

@@ -27,6 +27,7 @@ class ForwardBatch:
     req_to_token: torch.Tensor
     attn: Any = None  # the attention backend
     attn_meta: Any = None  # backend-specific metadata
+    kv_ready: list | None = None  # CUDA events, one per layer: a HiCache load this forward's attention waits for
 
     @property
     def batch_size(self) -> int:

@@ -2,14 +2,19 @@
 requests with a large max_new_tokens that stop early at EOS (short-answer chat questions, greedy).
 
     python -m radixserve.bench.conservativeness [server flags...] [--num-prompts N] [--max-new-tokens M]
-        [--compare 1.0] [--output out.json]
+        [--compare 1.0] [--eos-every N] [--output out.json]
 
 Both runs share one in-process Engine (same weights, same KV pool size) and run back to back in the same
 process, each with a fresh scheduler and prefix cache; all requests are submitted at once (an offline
 batch, as in the guide's throughput section). Reported per run: output tokens/s, mean token usage over
 the decode steps on which requests were waiting, retraction warnings (and per minute), and, for auto,
 each conservativeness change. Throughput is given per wall second and per CPU second of this process (the
-latter is steadier when other work shares the machine)."""
+latter is steadier when other work shares the machine).
+
+Weights without meaning (`--load-format dummy`, the GPU host has no checkpoint) have no EOS behaviour:
+`--eos-every N` then replaces the model's EOS set with a fixed random 1/N of the vocabulary and samples at
+temperature 1 (seeded per request), so each request ends at "EOS" after about N tokens (geometrically
+distributed) — to the scheduler exactly the guide's early-stopping workload, which it cannot foresee."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +26,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from statistics import mean
+
+import torch
 
 from radixserve.args import ServerArgs, make_parser
 from radixserve.bench.roofline import device_name, git_commit
@@ -34,18 +41,31 @@ QUESTIONS = ["What is the capital of {}? Answer in one short sentence.",
              "Name the official language of {} in a few words.",
              "Which continent is {} on? One sentence.",
              "What currency does {} use? Answer briefly."]
-BENCH_FLAGS = ("num_prompts", "max_new_tokens", "compare", "output")
+BENCH_FLAGS = ("num_prompts", "max_new_tokens", "compare", "eos_every", "output")
 
 
-def workload(engine: Engine, n: int, max_new_tokens: int) -> list[tuple[list[int], SamplingParams]]:
-    """n chat prompts whose greedy answers end at EOS after a few dozen tokens; max_new_tokens is the
-    client's generous limit, far above what they use."""
+def workload(engine: Engine, n: int, max_new_tokens: int, eos_every: int = 0
+             ) -> list[tuple[list[int], SamplingParams]]:
+    """n chat prompts whose answers end at EOS after a few dozen tokens (greedy on a real model; with
+    `eos_every`, sampled and seeded per request); max_new_tokens is the client's generous limit, far above
+    what they use."""
     out = []
     for i in range(n):
         q = QUESTIONS[i % len(QUESTIONS)].format(TOPICS[(i // len(QUESTIONS)) % len(TOPICS)])
         ids = engine.apply_chat_template([{"role": "user", "content": q}])
-        out.append((ids, SamplingParams(temperature=0, max_new_tokens=max_new_tokens)))
+        sp = SamplingParams(temperature=1.0, seed=i, max_new_tokens=max_new_tokens) if eos_every else \
+            SamplingParams(temperature=0, max_new_tokens=max_new_tokens)
+        out.append((ids, sp))
     return out
+
+
+def random_eos_set(vocab_size: int, eos_every: int, seed: int = 0) -> frozenset[int]:
+    """A fixed random 1/eos_every of the vocabulary: on near-flat logits a sampled token falls in it with
+    probability ~1/eos_every at every step, whatever the logits look like (a random subset holds, on
+    average, its share of any distribution)."""
+    g = torch.Generator().manual_seed(seed)
+    k = max(vocab_size // eos_every, 1)
+    return frozenset(torch.randperm(vocab_size, generator=g)[:k].tolist())
 
 
 @dataclasses.dataclass
@@ -83,8 +103,11 @@ class _Changes(logging.Handler):
             self.retractions += 1
 
 
-def run(engine: Engine, value: str | float, reqs: list[tuple[list[int], SamplingParams]]) -> RunResult:
+def run(engine: Engine, value: str | float, reqs: list[tuple[list[int], SamplingParams]],
+        eos_ids: frozenset[int] | None = None) -> RunResult:
     s = Scheduler(dataclasses.replace(engine.args, schedule_conservativeness=value), engine.runner, engine.tokenizer)
+    if eos_ids is not None:
+        s.eos_ids = eos_ids  # every request added from here on ends at these ids (see --eos-every)
     handler = _Changes()
     log = logging.getLogger("radixserve.scheduler")
     log.addHandler(handler)
@@ -129,6 +152,9 @@ def parse(argv: list[str]) -> tuple[ServerArgs, argparse.Namespace]:
     g.add_argument("--num-prompts", type=int, default=64)
     g.add_argument("--max-new-tokens", type=int, default=1024)
     g.add_argument("--compare", type=float, default=1.0, help="the fixed conservativeness to compare with")
+    g.add_argument("--eos-every", type=int, default=0, metavar="N",
+                   help="for --load-format dummy: end requests at a random 1/N of the vocabulary, sampled at "
+                        "temperature 1, so they stop after ~N tokens (0: the model's EOS, greedy)")
     g.add_argument("--output", default=None, help="write the results as JSON here")
     ns = vars(parser.parse_args(argv))
     bench = argparse.Namespace(**{k: ns.pop(k) for k in BENCH_FLAGS})
@@ -145,8 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
     args, bench = parse(argv)
     logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
     engine = Engine(args)
-    reqs = workload(engine, bench.num_prompts, bench.max_new_tokens)
-    results = [run(engine, v, reqs) for v in (bench.compare, "auto")]
+    reqs = workload(engine, bench.num_prompts, bench.max_new_tokens, bench.eos_every)
+    eos_ids = random_eos_set(engine.runner.cfg.vocab_size, bench.eos_every) if bench.eos_every else None
+    results = [run(engine, v, reqs, eos_ids) for v in (bench.compare, "auto")]
     fixed, auto = results
     for r in results:
         r.retractions_per_min = round(r.retraction_events / max(r.seconds, 60.0) * 60, 2)
@@ -155,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m radixserve.bench.conservativeness " + shlex.join(argv),
         "kv_pool_tokens": s_cap(engine), "num_prompts": bench.num_prompts, "max_new_tokens": bench.max_new_tokens,
+        "eos_every": bench.eos_every,
+        "mean_output_tokens": {r.conservativeness: round(r.output_tokens / bench.num_prompts, 1) for r in results},
         "runs": [{k: v for k, v in dataclasses.asdict(r).items() if k != "outputs"} for r in results],
         "throughput_ratio_auto_vs_fixed": round(auto.output_tok_s / fixed.output_tok_s, 3),
         "cpu_throughput_ratio_auto_vs_fixed": round(auto.output_tok_per_cpu_s / fixed.output_tok_per_cpu_s, 3),

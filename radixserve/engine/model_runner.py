@@ -21,6 +21,7 @@ from radixserve.engine.cuda_graph import CudaGraphRunner
 from radixserve.engine.piecewise import PiecewiseRunner, padding_batch
 from radixserve.engine.prompt_logprobs import PromptLogprobPlan, compute_prompt_logprobs
 from radixserve.forward_batch import ForwardBatch
+from radixserve.kernels import pdl
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool, is_fp8, kv_cache_dtype
 from radixserve.layers.attention import FORWARD_CONTEXT
 from radixserve.layers.quantization import model_weight_bytes, resolve_quant_config
@@ -69,6 +70,10 @@ class ModelRunner:
         self.args, self.tp = args, tp
         self.device = torch.device(args.device if args.device != "cuda" else f"cuda:{torch.cuda.current_device()}")
         self.dtype = args.torch_dtype
+        # traced forwards (torch.compile, piecewise graphs) launch the kernels through inductor, which
+        # does not pass the programmatic-launch option on
+        pdl.configure(not (args.disable_pdl or args.enable_torch_compile or args.enable_piecewise_cuda_graph),
+                      self.device)
         self.cfg = model_config or load_config(src)
         self.cfg.quant = resolve_quant_config(args.quantization, self.cfg.hf_config, self.device,
                                               use_checkpoint=args.load_format != "dummy",
@@ -186,6 +191,12 @@ class ModelRunner:
         assert prompt is None or not is_decode, "prompt logprobs come from extend steps"
         fb = self.prepare(reqs, is_decode, decode_tail)
         self.used_graph = bool(is_decode and self.graphs is not None and self.graphs.can_run(len(reqs)))
+        loaded, self.kv_pool.pending_load = self.kv_pool.pending_load, None
+        if loaded is not None:  # a HiCache load since the last forward: eager extends wait layer by layer
+            if is_decode:
+                torch.cuda.current_stream(self.device).wait_event(loaded[-1])
+            else:
+                fb.kv_ready = loaded
         if self.used_graph:
             return self.graphs.replay(fb)
         return self.run_model(fb, prompt)

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from radixserve.kernels import pdl
+
 LOG2E = 1.4426950408889634
 MAX_DECODE_SPLITS = 64
 
@@ -173,8 +175,11 @@ def _decode_stage1(Q, K, V, Out, MidO, MidLse, ReqToToken, ReqRows, SeqLens,
 
 @triton.jit
 def _decode_stage2(Out, MidO, MidLse, stride_ob, stride_oh, NUM_HEADS: tl.constexpr, D: tl.constexpr,
-                   BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """Merge the splits of one (request, head): out = sum_s w_s * o_s / sum_s w_s, w_s = 2^(lse_s - max)."""
+                   BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
+    """Merge the splits of one (request, head): out = sum_s w_s * o_s / sum_s w_s, w_s = 2^(lse_s - max).
+    PDL: the o projection's GEMV may become resident now (kernels/pdl.py)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS)
@@ -245,7 +250,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if S > 1:
         _decode_stage2[(B, H)](out, mid_o, mid_lse, out.stride(0), out.stride(1), NUM_HEADS=H, D=D,
-                               BLOCK_D=block_d, NUM_SPLITS=S, num_warps=4 if S * block_d <= 4096 else 8)
+                               BLOCK_D=block_d, NUM_SPLITS=S, PDL=pdl.ENABLED,
+                               num_warps=4 if S * block_d <= 4096 else 8)
     return out
 
 

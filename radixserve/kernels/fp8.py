@@ -21,6 +21,8 @@ import os
 
 import torch
 
+from radixserve.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -165,7 +167,8 @@ if HAS_TRITON:
     @triton.jit
     def _w8a16_gemv_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                            GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                           EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 2048):
         """y[m, n-tile] for one token row m: no tensor cores (a 16-row dot tile would be 15/16 padding at
         batch 1), the upcast weight tile times the broadcast activation accumulates in a [BLOCK_N, BLOCK_K]
         fp32 register tile, reduced across K once at the end. Programs run m fastest, so the M programs
@@ -174,13 +177,23 @@ if HAS_TRITON:
         kept a [BLOCK_M, BLOCK_N, BLOCK_K] accumulator to read each tile once for several rows reached 43-68 %
         of the copy bandwidth at M = 1 (by shape), and the 8B decode step's products took 28.9 us on average
         with it against 17.8 us with this kernel (benchmarks/results/fp8_gemv3d_sweep_h200.json), so it
-        was dropped."""
+        was dropped.
+
+        PDL (kernels/pdl.py): launched as a programmatic dependent, the program first asks for the first
+        PREFETCH_K bytes of each of its weight rows into L2 (rows and columns clamped into the matrix),
+        then waits for the previous kernel; the loop below finds those lines in L2."""
         pid = tl.program_id(0)
         m = pid % M
         pid_n = pid // M
         offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
+        if PDL:
+            lines = tl.minimum(tl.arange(0, PREFETCH_K // 128) * 128, K - 1)
+            rows = tl.minimum(offs_n, N - 1)
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [W + rows[:, None] * stride_wn
+                                      + lines[None, :]], dtype=tl.int32, is_pure=False, pack=1)
+            tl.extra.cuda.gdc_wait()
         w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :]
         x_ptrs = X + m.to(tl.int64) * stride_xm + offs_k
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -204,6 +217,8 @@ if HAS_TRITON:
             acc += wf * x[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
         if PER_CHANNEL:
             y = y * tl.load(S + offs_n * stride_sn, mask=mask_n, other=0.0)
@@ -289,7 +304,7 @@ def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
     if config is None and x.is_cuda:
         # EVEN_K must hold for every candidate BLOCK_K: the largest is 1024
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
-        _w8a16_gemv_tuned[grid](*args, **common, EVEN_K=K % 1024 == 0)
+        _w8a16_gemv_tuned[grid](*args, **common, EVEN_K=K % 1024 == 0, PDL=pdl.ENABLED, **pdl.launch_kwargs())
         return y
     cfg = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, **(config or {})}
     cfg.pop("gemv", None)

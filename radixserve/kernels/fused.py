@@ -20,6 +20,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from radixserve.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -85,9 +87,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _rmsnorm_kernel(X, R, W, Out, ResOut, n_rows, N, stride_x, stride_r, stride_o, stride_ro, eps,
-                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr):
+                        BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr,
+                        PDL: tl.constexpr = False):
         """BLOCK_R whole rows per program: wide rows (hidden 4096) take one program each, narrow
-        ones (per-head q/k norm, D = 128) are batched so each program still moves ~8 KB."""
+        ones (per-head q/k norm, D = 128) are batched so each program still moves ~8 KB. PDL: let the
+        GEMV that follows become resident now (kernels/pdl.py); it waits for this kernel's output."""
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         cols = tl.arange(0, BLOCK_N)
         mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
@@ -104,7 +110,9 @@ if HAS_TRITON:
         tl.store(Out + rows[:, None] * stride_o + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _silu_and_mul_kernel(X, Out, N, stride_x, stride_o, BLOCK: tl.constexpr):
+    def _silu_and_mul_kernel(X, Out, N, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # the down projection's GEMV may become resident now (kernels/pdl.py)
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N
@@ -204,7 +212,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         tile = block_r * block_n
         _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
             x2, r2, weight, out2, ro2, rows, N, x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), eps,
-            BLOCK_R=block_r, BLOCK_N=block_n, HAS_RES=residual is not None,
+            BLOCK_R=block_r, BLOCK_N=block_n, HAS_RES=residual is not None, PDL=pdl.ENABLED,
             num_warps=4 if tile <= 4096 else (8 if tile <= 8192 else 16))
     return out if residual is None else (out, res_out)
 
@@ -223,7 +231,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if x2.shape[0] and N:
         block = min(1024, triton.next_power_of_2(N))  # 8 bf16 per thread at 4 warps: 16-byte accesses
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(N, block))](
-            x2, out2, N, x2.stride(0), out2.stride(0), BLOCK=block, num_warps=4)
+            x2, out2, N, x2.stride(0), out2.stride(0), BLOCK=block, PDL=pdl.ENABLED, num_warps=4)
     return out
 
 

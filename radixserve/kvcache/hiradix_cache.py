@@ -73,7 +73,7 @@ class HiRadixCache(RadixCache):
     node_cls = HiTreeNode
 
     def __init__(self, allocator: PageAllocator, page_size: int, dev_k: list[torch.Tensor],
-                 dev_v: list[torch.Tensor], device: torch.device, cfg: HiCacheConfig) -> None:
+                 dev_v: list[torch.Tensor], device: torch.device, cfg: HiCacheConfig, kv_pool=None) -> None:
         if cfg.write_policy not in WRITE_POLICIES:
             raise ValueError(f"--hicache-write-policy {cfg.write_policy!r}: choose {', '.join(WRITE_POLICIES)}")
         if cfg.prefetch_policy not in PREFETCH_POLICIES:
@@ -85,7 +85,7 @@ class HiRadixCache(RadixCache):
         self.cfg = cfg
         self.host = HostKVPool(len(dev_k), cfg.host_tokens, page_size, tuple(dev_k[0].shape[1:]), dev_k[0].dtype,
                                pin_memory=device.type == "cuda")
-        self.transfer = KVTransfer(dev_k, dev_v, self.host, device, cfg.io_backend)
+        self.transfer = KVTransfer(dev_k, dev_v, self.host, device, cfg.io_backend, pool=kv_pool)
         self.storage = FileStorage(cfg.storage_dir, self.host.page_nbytes()) if cfg.storage_dir else None
         self.root_key = identity_key(cfg.identity or {})
         self.backups: list[HiTreeNode] = []  # nodes whose host copy is in flight

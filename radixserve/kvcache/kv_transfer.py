@@ -10,7 +10,9 @@ any KV dtype. Three paths behind one interface:
 On CUDA every copy runs on a side stream that first waits for the compute stream (the KV being backed
 up was just computed; the slots being loaded into may have been read by the step in flight), and ends
 with an event: a backup's device slots may be freed only once it has fired, and a load's event is what
-the next forward waits for.
+the next forward waits for. Given the KV pool, a load records one event per layer instead and leaves them
+in `pool.pending_load`: the next forward's attention at layer i waits only for layer i's pages, so the
+copy of the later layers overlaps the compute of the earlier ones.
 """
 from __future__ import annotations
 
@@ -40,8 +42,8 @@ class Transfer:
 
 class KVTransfer:
     def __init__(self, dev_k: list[torch.Tensor], dev_v: list[torch.Tensor], host: HostKVPool,
-                 device: torch.device, io_backend: str = "kernel") -> None:
-        self.device = device
+                 device: torch.device, io_backend: str = "kernel", pool=None) -> None:
+        self.device, self.pool = device, pool  # pool: the KVPool whose pending_load takes per-layer events
         self.cuda = device.type == "cuda"
         self.dev = [b.view(torch.uint8).reshape(b.shape[0], -1) for layer in zip(dev_k, dev_v) for b in layer]
         self.host = [b.view(torch.uint8).reshape(b.shape[0], -1) for layer in zip(host.k, host.v) for b in layer]
@@ -95,14 +97,18 @@ class KVTransfer:
             return Transfer(done=True)
         t = Transfer()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        layer_events: list[torch.cuda.Event] = []
         with torch.cuda.stream(self.stream):
             dev_idx = to_device(dev_slots, self.device)
             if self.io_backend == "kernel":
                 host_idx = to_device(host_slots, self.device)
-                for d, h in zip(self._words(self.dev), self._words(self.host)):
+                for i, (d, h) in enumerate(zip(self._words(self.dev), self._words(self.host))):
                     kv_copy.copy_rows(h, d, host_idx, dev_idx)
+                    if i % 2:  # K then V of a layer copied
+                        layer_events.append(self._record())
             else:
-                for lo, hi in self._chunks(host_slots.numel()):
+                chunks = self._chunks(host_slots.numel())
+                for c, (lo, hi) in enumerate(chunks):
                     pinned = torch.empty((len(self.dev), hi - lo, self.row_bytes), dtype=torch.uint8,
                                          pin_memory=True)
                     for i, h in enumerate(self.host):
@@ -110,12 +116,21 @@ class KVTransfer:
                     staged = pinned.to(self.device, non_blocking=True)
                     for i, d in enumerate(self.dev):
                         d.index_copy_(0, dev_idx[lo:hi], staged[i])
-            t.event = torch.cuda.Event()
-            t.event.record(self.stream)
-        # everything enqueued on the compute stream from now on (the forward that reads these pages) waits
-        torch.cuda.current_stream(self.device).wait_event(t.event)
+                        if i % 2 and c == len(chunks) - 1:  # stream order: the last chunk's layer i implies all
+                            layer_events.append(self._record())
+            t.event = layer_events[-1] if layer_events else self._record()
+        if self.pool is not None and len(layer_events) == len(self.dev) // 2:
+            # later loads run after earlier ones on this stream: the latest load's events cover them all
+            self.pool.pending_load = layer_events
+        else:  # everything enqueued on the compute stream from now on (the forward reading these pages) waits
+            torch.cuda.current_stream(self.device).wait_event(t.event)
         self.last_load = t.event
         return t
+
+    def _record(self) -> torch.cuda.Event:
+        e = torch.cuda.Event()
+        e.record(self.stream)
+        return e
 
     def poll(self, t: Transfer) -> bool:
         """Whether `t` has completed (running its CPU-side finish if it just did)."""

@@ -40,6 +40,9 @@ class KVPool:
         shape = (num_slots, num_kv_heads, head_dim)
         self.k = [_buffer(shape, dtype, device) for _ in range(num_layers)]
         self.v = [_buffer(shape, dtype, device) for _ in range(num_layers)]
+        # HiCache (CUDA): one event per layer of the latest host->device load that no forward has waited
+        # for yet; the next forward waits for layer i's just before its attention reads layer i
+        self.pending_load: list[torch.cuda.Event] | None = None
 
     def store(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer][slots] = self.encode(k, self.k_scale[layer])

@@ -42,6 +42,8 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         pool = fb.kv_pool
+        if fb.kv_ready is not None:  # this layer's pages of a HiCache load: wait for them, not for all layers
+            torch.cuda.current_stream(q.device).wait_event(fb.kv_ready[self.layer_id])
         q = rotary_and_store_kv(positions, q, k, v, self.rotary.cos_sin, pool.k[self.layer_id], pool.v[self.layer_id],
                                 fb.out_slots, None if rotate_in_place else torch.empty_like(q),
                                 pool.k_scale[self.layer_id], pool.v_scale[self.layer_id])

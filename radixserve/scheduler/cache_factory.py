@@ -40,7 +40,7 @@ def make_cache(args: ServerArgs, allocator: PageAllocator, runner: Any) -> Naive
     storage = args.hicache_storage_dir if args.hicache_storage_backend == "file" else None
     cfg = HiCacheConfig(host_tokens, args.hicache_write_policy, args.hicache_io_backend,
                         args.hicache_storage_prefetch_policy, storage, model_identity(args, runner))
-    cache = HiRadixCache(allocator, args.page_size, pool.k, pool.v, runner.device, cfg)
+    cache = HiRadixCache(allocator, args.page_size, pool.k, pool.v, runner.device, cfg, kv_pool=pool)
     logger.info(f"HiCache: host pool {cache.host.capacity_tokens} tokens ({host_tokens * per_token / GB:.2f} GB), "
                 f"write policy {cfg.write_policy}, io backend {cache.transfer.io_backend}, storage "
                 f"{'file ' + storage if storage else 'none'}, prefetch policy {cfg.prefetch_policy}")
