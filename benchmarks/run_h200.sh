@@ -7,6 +7,9 @@
 #   gemvsweep   the W8A16 GEMV's tile sweep inside CUDA graphs (what kernels.fp8.gemv_config follows)
 #   fp8gemm     per-shape GEMM timings, bf16 vs W8A16 (GEMV and tile) vs W8A8, LM head included (issue 12)
 #   fp8b1       batch-1 decode, bf16, --quantization fp8, and fp8 --disable-pdl, 8B preset (issue 12's 1.8x target)
+#   bf16nopdl   batch-1 decode, bf16 --disable-pdl (what PDL gives the bf16 path's small kernels)
+#   fp8prefill  prefill 8 x 2048, bf16 then --quantization fp8 (issue 12's 1.5x target)
+#   enginetest  the GPU engine vs HF transformers (tests/gpu/test_engine_gpu.py; PDL on in the graph modes)
 #   fp8profile  the fp8 batch-1 step's kernel table (where the rest of the time goes)
 #   fp8offline  offline minisgl, bf16 then fp8 weights + fp8 KV (issue 12's 1.5x target)
 #   grammar     constrained vs plain decode at batch 64, 8B preset, with the default serial mask fill and
@@ -41,6 +44,15 @@ if has fp8b1; then
   run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
     --disable-pdl --output "$OUT/fp8_h200_bs1_fp8_no_pdl.json"
 fi
+has bf16nopdl && run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --disable-pdl \
+  --output "$OUT/fp8_h200_bs1_bf16_no_pdl.json"
+if has fp8prefill; then
+  run 50 $OB $M8 --batch-size 8 --input-len 2048 --output-len 4 --cuda-graph-max-bs 8 \
+    --output "$OUT/fp8_h200_prefill_8x2048_bf16.json"
+  run 50 $OB $M8 --batch-size 8 --input-len 2048 --output-len 4 --cuda-graph-max-bs 8 --quantization fp8 \
+    --output "$OUT/fp8_h200_prefill_8x2048_fp8.json"
+fi
+has enginetest && run 240 python -m pytest -q -rf tests/gpu/test_engine_gpu.py
 has fp8profile && run 80 python -m radixserve.bench.gpu_idle $M8 --quantization fp8 --batch-size 1 --steps 50 \
   --kernel-table 20 --disable-overlap-schedule --cuda-graph-max-bs 4 --output "$OUT/fp8_h200_bs1_profile.json"
 if has fp8offline; then
@@ -56,8 +68,8 @@ has nano06 && run 90 python -m radixserve.bench.offline --model qwen3-0.6b --loa
   --output "$OUT/offline_nanovllm_qwen3_0.6b_h200.json"
 has nano8b && run 120 python -m radixserve.bench.offline $M8 --workload nanovllm \
   --output "$OUT/offline_nanovllm_llama8b_h200.json"
-has conserv && run 200 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
-  --num-prompts 1024 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
+has conserv && run 240 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
+  --num-prompts 2048 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
   --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b.json"
 has hicache && run 150 python -m radixserve.bench.offline $M8 $TOK --workload multi-turn --enable-hierarchical-cache \
   --hicache-ratio 5 --max-total-tokens 12288 --cuda-graph-max-bs 16 --num-prompts 12 --num-turns 4 \

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from radixserve.args import ServerArgs, parse_args
-from radixserve.bench.conservativeness import run, workload
+from radixserve.bench.conservativeness import random_eos_set, run, workload
 from radixserve.engine_unit import Engine
 from radixserve.scheduler.conservativeness import BOUNDS, COOLDOWN_S, AutoConservativeness
 
@@ -96,3 +96,15 @@ def test_auto_beats_default_on_early_stopping_requests(engine):
     minutes = max(auto.seconds / 60, 1.0)
     assert auto.retraction_events <= minutes + 1  # "about one per minute"
     assert auto.outputs == fixed.outputs
+
+
+def test_eos_every_stops_sampled_requests_at_a_random_share_of_the_vocabulary(engine):
+    """The H200 run's workload on weights without EOS behaviour (--eos-every): a fixed random 1/N of the
+    vocabulary ends every request, long before its max_new_tokens."""
+    ids = random_eos_set(engine.runner.cfg.vocab_size, 2)
+    assert len(ids) == engine.runner.cfg.vocab_size // 2 and ids == random_eos_set(engine.runner.cfg.vocab_size, 2)
+    reqs = workload(engine, 4, 64, eos_every=2)
+    assert all(sp.temperature == 1.0 and sp.seed is not None for _, sp in reqs)
+    res = run(engine, 1.0, reqs, ids)
+    assert res.stopped_early == 4 and res.output_tokens < 4 * 64
+    assert all(out[-1] in ids for out in res.outputs)

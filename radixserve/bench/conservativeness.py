@@ -78,6 +78,7 @@ class RunResult:
     output_tok_per_cpu_s: float
     decode_steps: int
     token_usage_queued_mean: float  # decode steps with #queue-req > 0
+    token_usage_queued_late: float  # the same over the second half of those steps (after the ramp-up)
     token_usage_mean: float
     running_mean: float
     retraction_events: int
@@ -137,6 +138,7 @@ def run(engine: Engine, value: str | float, reqs: list[tuple[list[int], Sampling
         conservativeness=str(value), seconds=round(dt, 2), cpu_seconds=round(cpu, 2), output_tokens=tokens,
         output_tok_s=round(tokens / dt, 2), output_tok_per_cpu_s=round(tokens / cpu, 2),
         decode_steps=s.stats.decode_steps, token_usage_queued_mean=round(mean(usage_q), 3) if usage_q else 0.0,
+        token_usage_queued_late=round(mean(usage_q[len(usage_q) // 2:]), 3) if usage_q else 0.0,
         token_usage_mean=round(mean(usage_all), 3) if usage_all else 0.0,
         running_mean=round(mean(running), 1) if running else 0.0,
         retraction_events=handler.retractions, retracted_reqs=s.stats.num_retractions,
