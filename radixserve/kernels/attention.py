@@ -125,7 +125,7 @@ def _decode_stage1(Q, K, V, Out, MidO, MidLse, ReqToToken, ReqRows, SeqLens,
                    NUM_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr = False):
-    pdl.enter(PDL)
+    pdl.trigger(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -178,7 +178,7 @@ def _decode_stage1(Q, K, V, Out, MidO, MidLse, ReqToToken, ReqRows, SeqLens,
 def _decode_stage2(Out, MidO, MidLse, stride_ob, stride_oh, NUM_HEADS: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr = False):
     """Merge the splits of one (request, head): out = sum_s w_s * o_s / sum_s w_s, w_s = 2^(lse_s - max)."""
-    pdl.enter(PDL)
+    pdl.trigger(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS)
@@ -246,11 +246,11 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         int(sliding_window) if has_window else 0, float(v_scale),
         NUM_HEADS=H, G=G, D=D, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=S, HAS_WINDOW=has_window, DOT_PREC=_dot_precision(q.dtype),
-        PDL=pdl.ENABLED, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl.launch_kwargs())
+        PDL=pdl.ENABLED, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if S > 1:
         _decode_stage2[(B, H)](out, mid_o, mid_lse, out.stride(0), out.stride(1), NUM_HEADS=H, D=D,
                                BLOCK_D=block_d, NUM_SPLITS=S, PDL=pdl.ENABLED,
-                               num_warps=4 if S * block_d <= 4096 else 8, **pdl.launch_kwargs())
+                               num_warps=4 if S * block_d <= 4096 else 8)
     return out
 
 

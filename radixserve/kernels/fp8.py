@@ -179,9 +179,9 @@ if HAS_TRITON:
         with it against 17.8 us with this kernel (benchmarks/results/fp8_gemv3d_sweep_h200.json), so it
         was dropped.
 
-        PDL (kernels/pdl.py): launched as a programmatic dependent, the program lets the next kernel launch,
-        asks for the first PREFETCH_K bytes of each of its weight rows into L2 (rows and columns clamped into
-        the matrix), then waits for the previous kernel; the loop below finds those lines in L2."""
+        PDL (kernels/pdl.py): launched as a programmatic dependent, the program first asks for the first
+        PREFETCH_K bytes of each of its weight rows into L2 (rows and columns clamped into the matrix),
+        then waits for the previous kernel; the loop below finds those lines in L2."""
         pid = tl.program_id(0)
         m = pid % M
         pid_n = pid // M
@@ -189,7 +189,6 @@ if HAS_TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         mask_n = offs_n < N
         if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
             lines = tl.minimum(tl.arange(0, PREFETCH_K // 128) * 128, K - 1)
             rows = tl.minimum(offs_n, N - 1)
             tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [W + rows[:, None] * stride_wn

@@ -91,7 +91,7 @@ if HAS_TRITON:
                         PDL: tl.constexpr = False):
         """BLOCK_R whole rows per program: wide rows (hidden 4096) take one program each, narrow
         ones (per-head q/k norm, D = 128) are batched so each program still moves ~8 KB."""
-        pdl.enter(PDL)
+        pdl.trigger(PDL)
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         cols = tl.arange(0, BLOCK_N)
         mask = (rows < n_rows)[:, None] & (cols < N)[None, :]
@@ -109,7 +109,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _silu_and_mul_kernel(X, Out, N, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
-        pdl.enter(PDL)
+        pdl.trigger(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < N
@@ -150,7 +150,7 @@ if HAS_TRITON:
                        k_inv_scale, v_inv_scale, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_HQ: tl.constexpr,
                        BLOCK_HK: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr = False):
         """One program per token: rotated q into QOut, rotated k and plain v into the cache row Slots[t]."""
-        pdl.enter(PDL)
+        pdl.trigger(PDL)
         t = tl.program_id(0).to(tl.int64)
         pos = tl.load(Positions + t).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_HALF)
@@ -211,7 +211,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
             x2, r2, weight, out2, ro2, rows, N, x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), eps,
             BLOCK_R=block_r, BLOCK_N=block_n, HAS_RES=residual is not None, PDL=pdl.ENABLED,
-            num_warps=4 if tile <= 4096 else (8 if tile <= 8192 else 16), **pdl.launch_kwargs())
+            num_warps=4 if tile <= 4096 else (8 if tile <= 8192 else 16))
     return out if residual is None else (out, res_out)
 
 
@@ -229,8 +229,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     if x2.shape[0] and N:
         block = min(1024, triton.next_power_of_2(N))  # 8 bf16 per thread at 4 warps: 16-byte accesses
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(N, block))](
-            x2, out2, N, x2.stride(0), out2.stride(0), BLOCK=block, PDL=pdl.ENABLED, num_warps=4,
-            **pdl.launch_kwargs())
+            x2, out2, N, x2.stride(0), out2.stride(0), BLOCK=block, PDL=pdl.ENABLED, num_warps=4)
     return out
 
 
@@ -249,7 +248,7 @@ def _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots, 
         v.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), HQ, HK,
         1.0 / k_scale, 1.0 / v_scale, HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=triton.next_power_of_2(HQ),
         BLOCK_HK=triton.next_power_of_2(HK), FP8_MAX=_fp8_max(k_cache.dtype), PDL=pdl.ENABLED,
-        num_warps=4 if triton.next_power_of_2(HQ) * block_half <= 2048 else 8, **pdl.launch_kwargs())
+        num_warps=4 if triton.next_power_of_2(HQ) * block_half <= 2048 else 8)
 
 
 def rotary_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
