@@ -18,6 +18,7 @@
 #   nano8b      offline --workload nanovllm, 8B preset
 #   conserv     --schedule-conservativeness auto vs 1.0, requests ending at "EOS" after ~100 of 1024 tokens
 #               (issue 18's H200 target; --eos-every on dummy weights)
+#   conservmixed  the same with --enable-mixed-chunk (admissions ride along with the decode step)
 #   hicache     the multi-turn workload with and without HiCache, combined context 4.56x the device pool (issue 13)
 # Every JSON lands in OUTDIR with device, commit and command inside.
 set -uo pipefail
@@ -71,6 +72,9 @@ has nano8b && run 120 python -m radixserve.bench.offline $M8 --workload nanovllm
 has conserv && run 240 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
   --num-prompts 2048 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
   --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b.json"
+has conservmixed && run 240 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
+  --num-prompts 2048 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
+  --enable-mixed-chunk --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b_mixed_chunk.json"
 has hicache && run 150 python -m radixserve.bench.offline $M8 $TOK --workload multi-turn --enable-hierarchical-cache \
   --hicache-ratio 5 --max-total-tokens 12288 --cuda-graph-max-bs 16 --num-prompts 12 --num-turns 4 \
   --random-input-len 4096 --turn-input-len 128 --random-output-len 16 --output "$OUT/hicache_multi_turn_llama8b_h200.json"

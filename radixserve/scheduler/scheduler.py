@@ -430,6 +430,12 @@ class Scheduler:
         self.stats.log_retract(len(retracted), old, self.new_token_ratio)
         if self.auto_conservativeness is not None:
             self.auto_conservativeness.on_retract()
+            # A fixed value decays from here at its own schedule's rate, (init - min) / 600 per step, which at
+            # the low values auto reaches (0.02: 2e-5) would hold the post-retraction ratio for the rest of
+            # the run (on the H200 early-stopping run: token usage 0.55 for 1,300 steps after one
+            # retraction). Auto returns to its floor within NEW_TOKEN_RATIO_DECAY_STEPS decode steps instead.
+            self.ratio_decay = max(self.ratio_decay,
+                                   (self.new_token_ratio - self.min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS)
 
     def _retract(self, req: Req) -> None:
         """Hand the request's KV to the cache and put it back in the queue; it will re-prefill
