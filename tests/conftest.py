@@ -3,6 +3,9 @@
 `launch_server(*flags)` is a context manager any test module can use for its own configuration; the
 session-scoped `server` fixture starts one default server for every test file that needs one. Stopping
 a server checks the shutdown contract too: SIGTERM ends it with code 0 and leaves no child behind.
+
+`hf_gguf_model` is HF transformers' float32 model of the bundled GGUF, loaded once per session (the GGUF
+dequantization in transformers takes ~30 s on two cores) for every file that compares against it.
 """
 from __future__ import annotations
 
@@ -143,3 +146,15 @@ def server() -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def base_url(server: Server) -> str:
     return server.base_url
+
+
+@pytest.fixture(scope="session")
+def hf_gguf_model():
+    """transformers' own load of the bundled GGUF (float32, eval mode). Shared: tests only read it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from radixserve.weights.loader import bundled_model_path
+    path = bundled_model_path()
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                dtype=torch.float32, local_files_only=True).eval()

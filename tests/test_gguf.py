@@ -61,12 +61,11 @@ def ours() -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def hf_state() -> dict[str, torch.Tensor]:
-    from transformers import AutoModelForCausalLM
-
-    d, f = os.path.split(MODEL)
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32, local_files_only=True)
-    return model.state_dict()
+def hf_state(hf_gguf_model) -> dict[str, torch.Tensor]:
+    """transformers' own load of the same file (conftest's session fixture: loaded once for the suite)."""
+    from radixserve.weights.loader import bundled_model_path
+    assert os.path.samefile(bundled_model_path(), MODEL)
+    return hf_gguf_model.state_dict()
 
 
 @needs_model

@@ -5,7 +5,6 @@ after a run with retraction, abort and flush."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams
 from radixserve.engine_unit import Engine
 from radixserve.scheduler.scheduler import Scheduler
-from radixserve.weights.loader import bundled_model_path
 
 NEW = 6
 SP = SamplingParams(temperature=0, max_new_tokens=NEW, ignore_eos=True)
@@ -68,7 +66,7 @@ def multi_turn(engine: Engine, s: Scheduler, turns: int = 2, convs: int = 2) -> 
     return outs, reqs
 
 
-def test_greedy_identical_with_and_without_hicache_when_everything_is_evicted(engine):
+def test_greedy_identical_with_and_without_hicache_when_everything_is_evicted(engine, hf_gguf_model):
     hi = sched(engine, **TINY, **HI)
     got, hi_reqs = multi_turn(engine, hi)
     plain = sched(engine, **TINY)
@@ -85,10 +83,7 @@ def test_greedy_identical_with_and_without_hicache_when_everything_is_evicted(en
     assert_tiers_clean(hi)
 
     # HF transformers on the same weights: greedy tokens of the last turn of two conversations
-    from transformers import AutoModelForCausalLM
-    path = bundled_model_path()
-    hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                              dtype=torch.float32).eval()
+    hf = hf_gguf_model  # conftest's session fixture: loaded once for the suite
     for r in hi_reqs[-2:]:
         with torch.no_grad():
             gen = hf.generate(torch.tensor([r.origin_input_ids]), max_new_tokens=NEW, do_sample=False,
