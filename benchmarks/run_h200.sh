@@ -19,6 +19,9 @@
 #   conserv     --schedule-conservativeness auto vs 1.0, requests ending at "EOS" after ~100 of 1024 tokens
 #               (issue 18's H200 target; --eos-every on dummy weights)
 #   conservmixed  the same with --enable-mixed-chunk (admissions ride along with the decode step)
+#   pdlab       batch-1 fp8 decode alternating --disable-pdl / default, three times each (PDL's effect vs noise)
+#   piecewise   concurrency-1 TTFT for 16-, 128- and 512-token prompts, a piecewise-graph server vs an eager
+#               one side by side (issue 14's <= 0.8x target)
 #   hicache     the multi-turn workload with and without HiCache, combined context 4.56x the device pool (issue 13)
 # Every JSON lands in OUTDIR with device, commit and command inside.
 set -uo pipefail
@@ -78,4 +81,42 @@ has conservmixed && run 240 python -m radixserve.bench.conservativeness $M8 $TOK
 has hicache && run 150 python -m radixserve.bench.offline $M8 $TOK --workload multi-turn --enable-hierarchical-cache \
   --hicache-ratio 5 --max-total-tokens 12288 --cuda-graph-max-bs 16 --num-prompts 12 --num-turns 4 \
   --random-input-len 4096 --turn-input-len 128 --random-output-len 16 --output "$OUT/hicache_multi_turn_llama8b_h200.json"
+if has pdlab; then
+  for i in 1 2 3; do
+    for mode in no_pdl pdl; do
+      flag=""; [[ $mode == no_pdl ]] && flag="--disable-pdl"
+      run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 $flag \
+        --output "$OUT/fp8_h200_bs1_pdlab_${mode}_$i.json" | grep decode_tok_per_s
+    done
+  done
+fi
+if has piecewise; then
+  S="python -m radixserve $M8 $TOK --max-total-tokens 65536 --cuda-graph-max-bs 8 --decode-log-interval 1000"
+  $S --port 30011 --enable-piecewise-cuda-graph --piecewise-cuda-graph-max-tokens 1024 >"$OUT/server_piecewise.log" 2>&1 &
+  PA=$!
+  $S --port 30012 >"$OUT/server_eager.log" 2>&1 &
+  PB=$!
+  up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.5; done
+         echo "server on $1 did not come up"; return 1; }
+  if up 30011 && up 30012; then
+    for len in 16 128 512; do
+      for port in 30011 30012; do
+        name=$([[ $port == 30011 ]] && echo piecewise || echo eager)
+        timeout 60 python -m radixserve.bench.serving --quiet --port $port --num-prompts 12 --random-input-len $len \
+          --random-output-len 8 --random-range-ratio 1 --max-concurrency 1 \
+          --output "$OUT/serving_llama8b_c1_in${len}_${name}_h200.json"
+      done
+    done
+    python - "$OUT" <<'PYEOF'
+import json, os, sys
+for n in (16, 128, 512):
+    a, b = (json.load(open(os.path.join(sys.argv[1], f"serving_llama8b_c1_in{n}_{m}_h200.json"))) for m in ("piecewise", "eager"))
+    print(f"in {n}: TTFT mean piecewise {a['mean_ttft_ms']:.1f} ms, eager {b['mean_ttft_ms']:.1f} ms, "
+          f"ratio {a['mean_ttft_ms'] / b['mean_ttft_ms']:.2f}; median {a['median_ttft_ms']:.1f} / {b['median_ttft_ms']:.1f}")
+PYEOF
+  else
+    tail -n 20 "$OUT/server_piecewise.log" "$OUT/server_eager.log"
+  fi
+  kill $PA $PB 2>/dev/null; wait $PA $PB 2>/dev/null
+fi
 ls -la "$OUT"
