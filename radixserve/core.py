@@ -44,7 +44,7 @@ class SamplingParams:
     logprob_start_len: int = -1
     skip_special_tokens: bool = True
     no_stop_trim: bool = False  # keep a matched stop string / stop token in the text
-    # (kind, text), kind json_schema | regex | ebnf | lark: constrained decoding (server/grammar/)
+    # (kind, text), kind json_schema | regex | ebnf | lark: constrained decoding (grammar/)
     grammar: tuple[str, str] | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
 
@@ -130,7 +130,7 @@ class Req:
     finish_reason: FinishReason | None = None
     detok: object = None  # IncrementalDetokenizer, only for requests with stop strings
     stop_text_len: int | None = None  # where a matched stop string starts in the decoded text
-    grammar: object = None  # grammar Matcher of a constrained request (server/grammar/backend.py)
+    grammar: object = None  # grammar Matcher of a constrained request (grammar/backend.py)
     output_logprobs: list[float] = field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # Prompt logprobs (sampling_params.logprob_start_len = s >= 0): input_logprobs[j] is the logprob of prompt

@@ -30,3 +30,14 @@ def test_low_layers_do_not_import_upward(room: str) -> None:
     bad = [f"{f.relative_to(PKG)} imports {m}" for f in files for m in _imports(f)
            if any(m == h or m.startswith(h + ".") for h in HIGH)]
     assert not bad, "upward imports:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("room", ["scheduler", "engine", "grammar", "kernels"])
+def test_engine_side_does_not_import_the_server(room: str) -> None:
+    """The scheduler runs in its own process and offline (LLM, benchmarks): nothing below the API server
+    imports from it (the grammar engine is its own room, used by the scheduler and the server alike)."""
+    files = sorted((PKG / room).rglob("*.py"))
+    assert files, f"no modules under radixserve/{room}"
+    bad = [f"{f.relative_to(PKG)} imports {m}" for f in files for m in _imports(f)
+           if m == "radixserve.server" or m.startswith("radixserve.server.")]
+    assert not bad, "imports from the server:\n" + "\n".join(bad)

@@ -80,7 +80,7 @@ def test_model_stop_ids_beyond_the_tokenizer(engine: Engine) -> None:
     """A dummy-weight preset served with a smaller tokenizer (the GPU benchmarks' 8B preset with the bundled
     SmolLM2 tokenizer): the model's stop ids lie outside the tokenizer, which then ends the grammar with its
     own end-of-text id instead of failing to build."""
-    from radixserve.server.grammar.llguidance_backend import LLGuidanceBackend
+    from radixserve.grammar.llguidance_backend import LLGuidanceBackend
     tok = engine.tokenizer
     backend = LLGuidanceBackend(tok, 128256, [128001, 128009])
     m = backend.matcher("regex", r"(yes|no)\.")

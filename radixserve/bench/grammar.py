@@ -19,8 +19,8 @@ import torch
 
 from radixserve.bench.roofline import device_name, git_commit
 from radixserve.core import Req, SamplingParams
-from radixserve.server.grammar.llguidance_backend import LLGuidanceBackend
-from radixserve.server.grammar.masks import GrammarMasks
+from radixserve.grammar.llguidance_backend import LLGuidanceBackend
+from radixserve.grammar.masks import GrammarMasks
 from radixserve.weights.loader import load_tokenizer, resolve_model
 
 SCHEMA = {

@@ -26,14 +26,14 @@ from radixserve.disaggregation.endpoint import DecodeEndpoint, PrefillEndpoint, 
 from radixserve.engine.model_runner import ModelRunner
 from radixserve.engine.prompt_logprobs import PromptLogprobPlan, plan_step
 from radixserve.engine.sampler import SampleOutput, Sampler
+from radixserve.grammar.backend import create_backend
+from radixserve.grammar.masks import GrammarMasks
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.scheduler.cache_factory import make_cache
 from radixserve.scheduler.conservativeness import AutoConservativeness
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
-from radixserve.server.grammar.backend import create_backend
-from radixserve.server.grammar.masks import GrammarMasks
 from radixserve.transfer import int64_tensor, to_device
 
 

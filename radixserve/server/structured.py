@@ -144,7 +144,7 @@ class Structured:
                                code="unsupported_parameter")
         key = (kind, text)
         if key not in self.verdicts:
-            from radixserve.server.grammar.llguidance_backend import grammar_source
+            from radixserve.grammar.llguidance_backend import grammar_source
             try:
                 import llguidance
                 bad, msgs = llguidance.LLMatcher.validate_grammar_with_warnings(grammar_source(kind, text))

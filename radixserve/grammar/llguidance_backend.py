@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from radixserve.server.grammar.backend import GrammarBackend, GrammarError, Matcher
+from radixserve.grammar.backend import GrammarBackend, GrammarError, Matcher
 
 CACHE_SIZE = 512
 PARALLEL_MIN_ROWS = 4  # fewer constrained rows than this are filled in the calling thread

@@ -75,5 +75,5 @@ def create_backend(name: str, tokenizer: object, vocab_size: int, eos_ids: list[
     """The backend named by --grammar-backend (only llguidance is built; see grammar/__init__.py)."""
     if name != "llguidance":
         raise ValueError(f"--grammar-backend {name!r}: radixserve implements llguidance only")
-    from radixserve.server.grammar.llguidance_backend import LLGuidanceBackend
+    from radixserve.grammar.llguidance_backend import LLGuidanceBackend
     return LLGuidanceBackend(tokenizer, vocab_size, eos_ids, parallel=parallel)

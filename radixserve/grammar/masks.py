@@ -14,7 +14,7 @@ import time
 import torch
 
 from radixserve.core import FinishReason, Req
-from radixserve.server.grammar.backend import GrammarBackend, bitmask_words
+from radixserve.grammar.backend import GrammarBackend, bitmask_words
 
 logger = logging.getLogger(__name__)
 

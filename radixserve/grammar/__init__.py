@@ -6,6 +6,6 @@ forced tool calls are written). xgrammar, the other engine made for this, pulls 
 apache-tvm-ffi on x86 Linux (hundreds of MB, on CPU-only machines too). Both fill the same int32
 bitmask, so a second backend only has to implement GrammarBackend (backend.py).
 """
-from radixserve.server.grammar.backend import GRAMMAR_KINDS, GrammarBackend, GrammarError, Matcher, create_backend
+from radixserve.grammar.backend import GRAMMAR_KINDS, GrammarBackend, GrammarError, Matcher, create_backend
 
 __all__ = ["GRAMMAR_KINDS", "GrammarBackend", "GrammarError", "Matcher", "create_backend"]
