@@ -7,12 +7,15 @@ Results are bit-identical to ``gguf.quants.dequantize`` (same float32 op order, 
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import struct
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import gguf
 import numpy as np
@@ -244,25 +247,47 @@ def _converted_dir(path: str) -> str:
     return os.path.join(os.path.expanduser("~/.cache/radixserve/gguf"), key)
 
 
+FULL_CONFIG = "config_full.json"  # every field of the converted config, defaults included
+
+
 def _load_converted(path: str, kind: str):
+    """The config or tokenizer transformers rebuilds from the file, from the cache when it is there.
+
+    Cached, neither goes through transformers' Auto classes: their first use in a process builds the import
+    structure of every model transformers ships (~2-4 s on the 2-core machine, paid by the API server and the
+    scheduler alike at start-up). The config comes back as a namespace of every field (the model code reads
+    it by attribute, with defaults), the tokenizer as a PreTrainedTokenizerFast over the same tokenizer.json
+    and tokenizer_config.json (same vocabulary, merges, special tokens and chat template)."""
+    cached = os.path.join(_converted_dir(path), kind)
+    if kind == "config" and os.path.isfile(os.path.join(cached, FULL_CONFIG)):
+        try:
+            with open(os.path.join(cached, FULL_CONFIG)) as f:
+                return SimpleNamespace(**json.load(f))
+        except (OSError, ValueError):
+            pass  # a half-written or stale cache: rebuild it
+    if kind == "tokenizer" and os.path.isfile(os.path.join(cached, "tokenizer.json")):
+        from transformers import PreTrainedTokenizerFast
+        try:
+            return PreTrainedTokenizerFast.from_pretrained(cached, local_files_only=True)
+        except (OSError, ValueError):
+            pass
     from transformers import AutoConfig, AutoTokenizer
 
     auto = AutoConfig if kind == "config" else AutoTokenizer
-    cached = os.path.join(_converted_dir(path), kind)
-    if os.path.isdir(cached):
-        try:
-            return auto.from_pretrained(cached, local_files_only=True)
-        except (OSError, ValueError):
-            pass  # a half-written or stale cache: rebuild it
     d, f = os.path.split(os.path.abspath(path))
     obj = auto.from_pretrained(d, gguf_file=f, local_files_only=True)
     try:
         tmp = f"{cached}.tmp{os.getpid()}"
         obj.save_pretrained(tmp)
+        if kind == "config":
+            with open(os.path.join(tmp, FULL_CONFIG), "w") as out:
+                json.dump(obj.to_dict(), out)
+        if os.path.isdir(cached):
+            shutil.rmtree(cached, ignore_errors=True)  # an older cache without config_full.json
         os.replace(tmp, cached)
     except OSError:
         pass  # read-only home: just convert again next time
-    return obj
+    return SimpleNamespace(**obj.to_dict()) if kind == "config" else obj
 
 
 def load_gguf_config(path: str):

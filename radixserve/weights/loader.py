@@ -110,10 +110,10 @@ def resolve_hub_model(args: Any) -> ModelSource:
 
 
 def load_hf_config(src: ModelSource) -> Any:
-    from transformers import AutoConfig
-    if src.kind == "gguf":
+    if src.kind == "gguf":  # before importing transformers' Auto classes, which a cached GGUF does not need
         from radixserve.weights.gguf_loader import load_gguf_config
         return load_gguf_config(src.path)
+    from transformers import AutoConfig
     if src.kind == "preset":
         with open(src.path) as f:
             data = json.load(f)
@@ -153,9 +153,9 @@ def check_tokenizer(src: ModelSource, tokenizer_path: str | None) -> None:
 def load_tokenizer(src: ModelSource, tokenizer_path: str | None = None) -> Any:
     """The model's tokenizer; presets have none, so they borrow the bundled model's (ids stay in range
     for benchmarks that send token ids; text through a preset is only for smoke tests)."""
-    from transformers import AutoTokenizer
     check_tokenizer(src, tokenizer_path)
     if tokenizer_path:
+        from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(tokenizer_path)
     if src.kind == "preset":
         try:
@@ -168,6 +168,7 @@ def load_tokenizer(src: ModelSource, tokenizer_path: str | None = None) -> Any:
     if src.kind == "gguf":
         from radixserve.weights.gguf_loader import load_gguf_tokenizer
         return load_gguf_tokenizer(src.path)
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(src.path)
 
 
