@@ -7,14 +7,13 @@ shape (streamed: id and name first, argument deltas after) and validate against 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.conftest import Server, launch_server
+from tests.conftest import Server
 
 
 class City(BaseModel):
@@ -41,12 +40,7 @@ CITY_FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": 
                                                       "strict": True}}
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    with launch_server("--max-total-tokens", "4096") as s:
-        yield s
-
-
+# `server`: conftest's session server (default flags), shared with the other files that need a plain one
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=900)
