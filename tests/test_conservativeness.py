@@ -5,6 +5,8 @@ throughput, without timing it) than the default 1.0, with at most about one retr
 outputs stay those of the fixed setting (greedy; retraction and admission order do not change tokens)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from radixserve.args import ServerArgs, parse_args
@@ -108,3 +110,36 @@ def test_eos_every_stops_sampled_requests_at_a_random_share_of_the_vocabulary(en
     res = run(engine, 1.0, reqs, ids)
     assert res.stopped_early == 4 and res.output_tokens < 4 * 64
     assert all(out[-1] in ids for out in res.outputs)
+
+
+def test_auto_returns_to_its_floor_within_600_steps_after_a_retraction(engine):
+    """After a retraction the ratio is reset from the running requests' progress. A fixed value then decays
+    at its own schedule's rate, (init - min) / 600 a step: at auto's floor (0.02) that is 2e-5, which would
+    hold the reset ratio for thousands of steps. Auto returns to its floor within 600 decode steps."""
+    from radixserve.core import Req, SamplingParams
+    from radixserve.scheduler.scheduler import NEW_TOKEN_RATIO_DECAY_STEPS, Scheduler
+    results = {}
+    for value in (BOUNDS[0], "auto"):
+        # a 512-token pool: four ~40-token prompts with max_new_tokens 300 are admitted, and it fills in ~90 steps
+        s = Scheduler(dataclasses.replace(engine.args, schedule_conservativeness=value, max_total_tokens=512),
+                      engine.runner, engine.tokenizer)
+        if value == "auto":
+            s.auto_conservativeness.value = BOUNDS[0]  # as if it had already lowered itself to the floor
+            s.set_conservativeness(BOUNDS[0])
+        for ids, _ in workload(engine, 6, 300):  # never stop: the pool fills and the scheduler retracts
+            s.add_request(Req(list(ids), SamplingParams(temperature=0, max_new_tokens=300, ignore_eos=True)))
+        for _ in range(400):
+            s.step()
+            if s.stats.num_retractions:
+                break
+        assert s.stats.num_retractions, "the pool never filled"
+        results[value] = (s.new_token_ratio, s.min_ratio, s.ratio_decay)
+        for r in list(s.running) + list(s.waiting):  # give the shared runner's request rows back
+            s.abort(r.rid)
+        while s.has_work:
+            s.step()
+    ratio, floor, decay = results["auto"]
+    assert ratio > 10 * floor  # the reset ratio is far above the floor ...
+    assert ratio - NEW_TOKEN_RATIO_DECAY_STEPS * decay <= floor + 1e-9  # ... and auto is back within 600 steps
+    ratio, floor, decay = results[BOUNDS[0]]
+    assert ratio - NEW_TOKEN_RATIO_DECAY_STEPS * decay > 10 * floor  # a fixed 0.02 keeps SGLang's slow schedule
