@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import launch_server, start_server
+from conftest import Server, launch_server, start_server
 from test_server import connect, get_json, open_stream, request, sse_events
 
 API_VOCAB = 49152  # the bundled SmolLM2's vocabulary
@@ -285,8 +286,21 @@ def read_stream(conn, path: str, body: dict, started: threading.Event | None = N
     return out
 
 
+@pytest.fixture(scope="module")
+def sigterm_servers() -> Iterator[list[Server]]:
+    """One server per round of the test below, both loading at once; each round waits for its own."""
+    servers = [start_server("--shutdown-grace-period", "12", "--max-total-tokens", "8192") for _ in range(2)]
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            if s.proc.poll() is None:
+                s.proc.kill()
+                s.proc.wait()
+
+
 @pytest.mark.parametrize("round_", [1, 2])
-def test_sigterm_drains_then_ends_the_rest(round_: int) -> None:
+def test_sigterm_drains_then_ends_the_rest(round_: int, sigterm_servers: list[Server]) -> None:
     """SIGTERM with 8 live streams (the probe cut every stream with no final event in one of two runs and
     logged ZMQErrors): new requests get 503 at once, short streams finish normally within the grace
     period, long ones end with an error event and [DONE], no traceback, exit code 0, no child left.
@@ -294,7 +308,7 @@ def test_sigterm_drains_then_ends_the_rest(round_: int) -> None:
     import signal as sig
 
     from conftest import descendants, wait_healthy
-    s = start_server("--shutdown-grace-period", "12", "--max-total-tokens", "8192")
+    s = sigterm_servers[round_ - 1]
     try:
         wait_healthy(s)
         short = {"prompt": "Say hi.", "max_tokens": 8, "ignore_eos": True}
