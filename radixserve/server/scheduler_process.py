@@ -177,7 +177,8 @@ def memory_info(engine: Engine) -> dict:
 def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, spec: RankSpec | None = None,
                   local_ranks: int = 1) -> None:
     """Process entry point of one scheduler rank (`addrs` is None on nodes other than 0, whose ranks all
-    follow a rank 0 elsewhere). Any exception is logged with its traceback and ends the process with code 1;
+    follow a rank 0 elsewhere). Any exception ends the process with code 1, logged with its traceback unless it is
+    a model or flag error from loading (FileNotFoundError / ValueError: its message names the fix);
     the parent's watchdog then reports the dead scheduler and stops the server. A rank > 0 whose rank 0
     went away exits with code 0: that is how the ranks of other nodes learn that the server stopped."""
     spec = spec or RankSpec()
@@ -188,7 +189,13 @@ def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, 
             logging.getLogger(name).setLevel(logging.WARNING)
     try:
         tp, cpu_group = init_rank(args, spec, local_ranks)
-        engine = Engine(host_share(args, local_ranks), tp)
+        try:
+            engine = Engine(host_share(args, local_ranks), tp)
+        except (FileNotFoundError, ValueError) as e:
+            # the model or a flag (a missing tokenizer, an unsupported architecture, a context length): the
+            # message names the fix, as the launcher's own check says it; this child may get there first
+            logger.error(str(e))
+            raise SystemExit(1) from None
         if spec.dp_rank:  # replicas draw different request seeds: the n choices of a request may be spread
             engine.scheduler.rng.seed(args.seed + (spec.dp_rank << 32))
         bcast = None
