@@ -11,8 +11,9 @@ completed and its writes are visible. Nothing is read from or written to activat
 wait, so the result is the same as a plain launch. CUDA graph capture keeps the programmatic edges.
 
 Only the GEMVs are dependents. Making every small kernel one too (each triggering, then waiting, on
-entry) was measured on the H200 and lost the gain: fp8 batch 1 322 tok/s with the chain against 343 with
-GEMVs only and 319-323 without PDL; bf16 (whose GEMMs are cuBLAS's) went 217.6 -> 214.3 tok/s.
+entry) was measured on the H200 and lost the gain: fp8 batch 1 322.1 tok/s with the chain against 323.2
+without PDL, bf16 (whose GEMMs are cuBLAS's) 214.3 against 217.6. GEMVs only: +3.7 % at fp8 batch 1 in an
+A/B alternated three times in one call (benchmarks/results/fp8_h200_bs1_pdlab_*.json).
 
 `configure` is called once by the model runner from ServerArgs (`--disable-pdl` turns it off); kernels
 read `ENABLED` at launch, so a captured graph keeps the setting it was captured with.

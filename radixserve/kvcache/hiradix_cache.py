@@ -36,6 +36,7 @@ from radixserve.kvcache.allocator import PageAllocator
 from radixserve.kvcache.file_storage import FileStorage, PrefetchOp, chain_keys, identity_key
 from radixserve.kvcache.host_pool import HostKVPool
 from radixserve.kvcache.kv_transfer import KVTransfer, Transfer
+from radixserve.kvcache.pool import KVPool
 from radixserve.kvcache.radix_cache import MatchResult, RadixCache, TreeNode
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,8 @@ class HiRadixCache(RadixCache):
     node_cls = HiTreeNode
 
     def __init__(self, allocator: PageAllocator, page_size: int, dev_k: list[torch.Tensor],
-                 dev_v: list[torch.Tensor], device: torch.device, cfg: HiCacheConfig, kv_pool=None) -> None:
+                 dev_v: list[torch.Tensor], device: torch.device, cfg: HiCacheConfig,
+                 kv_pool: KVPool | None = None) -> None:
         if cfg.write_policy not in WRITE_POLICIES:
             raise ValueError(f"--hicache-write-policy {cfg.write_policy!r}: choose {', '.join(WRITE_POLICIES)}")
         if cfg.prefetch_policy not in PREFETCH_POLICIES:

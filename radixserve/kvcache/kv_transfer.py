@@ -24,6 +24,7 @@ import torch
 
 from radixserve.kernels import kv_copy
 from radixserve.kvcache.host_pool import HostKVPool
+from radixserve.kvcache.pool import KVPool
 from radixserve.transfer import to_device
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class Transfer:
 
 class KVTransfer:
     def __init__(self, dev_k: list[torch.Tensor], dev_v: list[torch.Tensor], host: HostKVPool,
-                 device: torch.device, io_backend: str = "kernel", pool=None) -> None:
+                 device: torch.device, io_backend: str = "kernel", pool: KVPool | None = None) -> None:
         self.device, self.pool = device, pool  # pool: the KVPool whose pending_load takes per-layer events
         self.cuda = device.type == "cuda"
         self.dev = [b.view(torch.uint8).reshape(b.shape[0], -1) for layer in zip(dev_k, dev_v) for b in layer]
