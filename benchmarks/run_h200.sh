@@ -22,6 +22,8 @@
 #   pdlab       batch-1 fp8 decode alternating --disable-pdl / default, three times each (PDL's effect vs noise)
 #   piecewise   concurrency-1 TTFT for 16-, 128- and 512-token prompts, a piecewise-graph server vs an eager
 #               one side by side (issue 14's <= 0.8x target)
+#   diag        kernel tables: fp8 batch-1 decode; bf16 and fp8+fp8-KV decode at batch 256 (offline's shape);
+#               fp8 and bf16 prefill of 8 x 2048 (each table also in OUTDIR/diag_*.json)
 #   hicache     the multi-turn workload with and without HiCache, combined context 4.56x the device pool (issue 13)
 # Every JSON lands in OUTDIR with device, commit and command inside.
 set -uo pipefail
@@ -81,6 +83,17 @@ has conservmixed && run 240 python -m radixserve.bench.conservativeness $M8 $TOK
 has hicache && run 150 python -m radixserve.bench.offline $M8 $TOK --workload multi-turn --enable-hierarchical-cache \
   --hicache-ratio 5 --max-total-tokens 12288 --cuda-graph-max-bs 16 --num-prompts 12 --num-turns 4 \
   --random-input-len 4096 --turn-input-len 128 --random-output-len 16 --output "$OUT/hicache_multi_turn_llama8b_h200.json"
+if has diag; then
+  GI="python -m radixserve.bench.gpu_idle $M8 --kernel-table 25"
+  diag() { local name=$1; shift; echo "=== diag $name"; timeout 150 $GI "$@" --output "$OUT/diag_$name.json" 2>&1 \
+    | grep "us/step\|gpu_idle\|Error\|error" | cut -c1-130; }
+  diag fp8_bs1 --quantization fp8 --batch-size 1 --steps 50 --disable-overlap-schedule --cuda-graph-max-bs 4
+  diag bf16_bs256 --batch-size 256 --input-len 512 --steps 30 --cuda-graph-max-bs 256
+  diag fp8kv_bs256 --quantization fp8 --kv-cache-dtype fp8_e4m3 --batch-size 256 --input-len 512 --steps 30 \
+    --cuda-graph-max-bs 256
+  diag fp8_prefill --quantization fp8 --phase prefill --batch-size 8 --input-len 2048 --cuda-graph-max-bs 8
+  diag bf16_prefill --phase prefill --batch-size 8 --input-len 2048 --cuda-graph-max-bs 8
+fi
 if has pdlab; then
   for i in 1 2 3; do
     for mode in no_pdl pdl; do
