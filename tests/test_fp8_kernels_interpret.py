@@ -71,6 +71,9 @@ def main() -> None:
         for decode in (True, False):
             err = check_fp8_attention("cpu", decode, fp8)
             print(f"ok  fp8 kv {'decode' if decode else 'extend'} {fp8}  (max err {err:.2e})", flush=True)
+        for fp16_dot in (False, True):
+            err = check_fp8_attention("cpu", True, fp8, fp16_dot=fp16_dot)
+            print(f"ok  fp8 kv decode {fp8} fp16_dot={fp16_dot}  (max err {err:.2e})", flush=True)
     print(f"ALL OK ({time.time() - t0:.1f}s)")
 
 

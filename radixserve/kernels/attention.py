@@ -124,7 +124,8 @@ def _decode_stage1(Q, K, V, Out, MidO, MidLse, ReqToToken, ReqRows, SeqLens,
                    stride_ob, stride_oh, stride_r2t, sm_scale_log2, window, v_scale,
                    NUM_HEADS: tl.constexpr, G: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr = False):
+                   HAS_WINDOW: tl.constexpr, DOT_PREC: tl.constexpr, PDL: tl.constexpr = False,
+                   FP16_DOT: tl.constexpr = False):
     pdl.trigger(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -144,6 +145,8 @@ def _decode_stage1(Q, K, V, Out, MidO, MidLse, ReqToToken, ReqRows, SeqLens,
     heads = kvh * G + offs_g
     mask_g = offs_g < G
     q = _gather_rows(Q + b * stride_qb, heads, stride_qh, offs_d, mask_g, D, BLOCK_D, True)
+    if FP16_DOT:  # an FP8 pool: e4m3/e5m2 -> fp16 is one exact conversion, bf16 q -> fp16 is exact in range
+        q = q.to(tl.float16)
     k_base = K + kvh * stride_kh
     v_base = V + kvh * stride_vh
     r2t = ReqToToken + row * stride_r2t
@@ -196,7 +199,7 @@ def _decode_stage2(Out, MidO, MidLse, stride_ob, stride_oh, NUM_HEADS: tl.conste
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
-def decode_config(head_dim: int) -> dict:
+def decode_config(head_dim: int, kv_dtype: torch.dtype | None = None) -> dict:
     """Stage-1 launch config. BLOCK_N 64 keeps a K and a V tile at 16 KB each for D = 128, so two
     pipeline stages fit with several CTAs per SM; for D <= 64 a 128-token tile moves the same bytes
     per iteration. (benchmarks/kernels_bench.py --sweep-configs times the alternatives.)"""
@@ -236,7 +239,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_o = mid_lse = out  # unused by the kernel
     if B == 0:
         return out
-    cfg = config or decode_config(D)
+    cfg = config or decode_config(D, k_buf.dtype)
     block_d = triton.next_power_of_2(D)
     has_window = bool(sliding_window) and sliding_window > 0
     _decode_stage1[(B, KVH, S)](
@@ -246,7 +249,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         int(sliding_window) if has_window else 0, float(v_scale),
         NUM_HEADS=H, G=G, D=D, BLOCK_H=max(16, triton.next_power_of_2(G)), BLOCK_D=block_d,
         BLOCK_N=cfg["BLOCK_N"], NUM_SPLITS=S, HAS_WINDOW=has_window, DOT_PREC=_dot_precision(q.dtype),
-        PDL=pdl.ENABLED, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        PDL=pdl.ENABLED, FP16_DOT=bool(cfg.get("FP16_DOT")) and k_buf.element_size() == 1 and q.dtype != torch.float32,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if S > 1:
         _decode_stage2[(B, H)](out, mid_o, mid_lse, out.stride(0), out.stride(1), NUM_HEADS=H, D=D,
                                BLOCK_D=block_d, NUM_SPLITS=S, PDL=pdl.ENABLED,

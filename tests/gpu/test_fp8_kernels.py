@@ -74,11 +74,13 @@ def fp8_pool_case(case, fp8_dtype: torch.dtype, k_scale: float, v_scale: float):
     return k8.float() * k_scale, v8.float() * v_scale
 
 
-def check_fp8_attention(device: str, decode: bool, fp8_dtype: torch.dtype, seed: int = 0) -> float:
+def check_fp8_attention(device: str, decode: bool, fp8_dtype: torch.dtype, seed: int = 0,
+                        fp16_dot: bool | None = None) -> float:
+    """fp16_dot: force the decode kernel's fp16 dot path on (True) or off (False); None takes decode_config's."""
     assert_close, make_case = _helpers("assert_close", "make_case")
     from radixserve.attention.torch_backend import TorchAttentionBackend
     from radixserve.forward_batch import ForwardBatch
-    from radixserve.kernels.attention import decode_attention, extend_attention
+    from radixserve.kernels.attention import decode_attention, decode_config, extend_attention
     from radixserve.kvcache.pool import KVPool
     pre, ext = ([0, 69, 130], [1, 1, 1]) if decode else ([0, 37, 5], [5, 20, 70])
     case = make_case(pre, ext, 8, 2, 64, torch.bfloat16, device, seed=seed)
@@ -93,8 +95,11 @@ def check_fp8_attention(device: str, decode: bool, fp8_dtype: torch.dtype, seed:
     ref = be.forward(q.float(), layer, fb32)
     pool = fb.kv_pool
     if decode:
+        cfg = decode_config(q.shape[-1], pool.k[0].dtype)
+        if fp16_dot is not None:
+            cfg = {**cfg, "FP16_DOT": fp16_dot}
         out = decode_attention(q, pool.k[0], pool.v[0], fb.req_to_token, fb.req_rows, fb.seq_lens, layer.scale,
-                               k_scale=ks, v_scale=vs)
+                               k_scale=ks, v_scale=vs, config=cfg)
     else:
         out = extend_attention(q, pool.k[0], pool.v[0], fb.req_to_token, fb.req_rows, fb.prefix_lens,
                                fb.extend_lens, layer.scale, k_scale=ks, v_scale=vs)
@@ -162,6 +167,14 @@ def test_quantize_rows_fused_gpu(mk):
 @pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fp8_kv_attention_gpu(decode, fp8_dtype):
     check_fp8_attention("cuda", decode, fp8_dtype)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("fp16_dot", [False, True])
+@pytest.mark.parametrize("fp8_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fp8_kv_decode_dot_dtypes_gpu(fp16_dot, fp8_dtype):
+    """Both dot dtypes of the FP8-pool decode kernel (bf16 upcast, fp16 upcast) against the fp32 reference."""
+    check_fp8_attention("cuda", True, fp8_dtype, fp16_dot=fp16_dot)
 
 
 @needs_fp8_gpu
