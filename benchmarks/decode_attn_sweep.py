@@ -78,8 +78,10 @@ def main() -> None:
                                 "pct_of_copy_bw": round(100 * nbytes / (ms * 1e-3) / bw, 1)})
             ok = [r for r in results if "ms" in r]
             best = min(ok, key=lambda r: r["ms"])
-            default = next(r for r in ok if r["BLOCK_N"] == KA.decode_config(D)["BLOCK_N"] and r["num_warps"] == 4
-                           and r["num_stages"] == 2 and r["splits"] == s0 and not r["FP16_DOT"])
+            dc = KA.decode_config(D, kv_dtype, s0)
+            default = next(r for r in ok if r["BLOCK_N"] == dc["BLOCK_N"] and r["num_warps"] == dc["num_warps"]
+                           and r["num_stages"] == dc["num_stages"] and r["splits"] == s0
+                           and r["FP16_DOT"] == bool(dc.get("FP16_DOT")))
             case = {"kv_dtype": str(kv_dtype), "batch": B, "len_range": [lo, hi], "tokens": n,
                     "default_splits": s0, "default": default, "best": best, "all": results}
             out["cases"].append(case)

@@ -151,7 +151,7 @@ def _decode_case(rows, copy_bw, sweep: bool, skip_torch: bool, configs: bool, B:
         extra["sweep_ms"] = sweep_ms
         extra["best_splits"] = min(sweep_ms, key=sweep_ms.get)
     if configs:
-        extra["config"] = KA.decode_config(D)
+        extra["config"] = KA.decode_config(D, DT, splits)
         extra["config_sweep"] = sweep_configs(lambda cfg: run(splits, cfg), {
             "BLOCK_N": [32, 64, 128], "num_warps": [2, 4, 8], "num_stages": [1, 2, 3, 4]})
         print(f"  best decode config: {extra['config_sweep']['best']}")

@@ -98,6 +98,7 @@ def main() -> None:
         ("decode g4 d128 fp32", ([300], 4, 1, 128, f32, None, 1)),
         ("decode g2 d48 bf16 window", ([40, 3], 4, 2, 48, bf16, 17, 1)),
         ("decode g3 d64 fp16 one split", ([9, 0, 130, 4, 70, 1, 2, 3, 64, 63, 65], 9, 3, 64, f16, None, 1)),
+        ("decode g2 d128 bf16 few splits", ([200, 3, 130, 0, 77, 260, 5, 129], 2, 1, 128, bf16, None, 1)),
     ]
     for name, (pre, h, kvh, d, dt, win, ps) in decode:
         case = make_case(pre, [1] * len(pre), h, kvh, d, dt, "cpu", win, ps, seed=len(name))

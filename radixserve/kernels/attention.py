@@ -199,11 +199,18 @@ def _decode_stage2(Out, MidO, MidLse, stride_ob, stride_oh, NUM_HEADS: tl.conste
     tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
-def decode_config(head_dim: int, kv_dtype: torch.dtype | None = None) -> dict:
-    """Stage-1 launch config. BLOCK_N 64 keeps a K and a V tile at 16 KB each for D = 128, so two
-    pipeline stages fit with several CTAs per SM; for D <= 64 a 128-token tile moves the same bytes
-    per iteration. (benchmarks/kernels_bench.py --sweep-configs times the alternatives.)"""
-    return {"BLOCK_N": 128 if head_dim <= 64 else 64, "num_warps": 4, "num_stages": 2}
+def decode_config(head_dim: int, kv_dtype: torch.dtype | None = None, num_splits: int = 1) -> dict:
+    """Stage-1 launch config. Split-heavy launches (small batches: many programs over short spans) keep
+    BLOCK_N 64, so a 128-dim K and V tile are 16 KB each in bf16 and two pipeline stages fit with several
+    CTAs per SM; for D <= 64 a 128-token tile moves the same bytes per iteration. With few splits (batch
+    >= ~17 at 8 KV heads), each program streams a whole sequence and 128-token tiles pay: on the H200 at
+    batch 256 over 300-1500 tokens, 0.236 against 0.298 ms in bf16 (90.8 % of the copy bandwidth), and for
+    an FP8 pool, with three stages and the fp16 dot, 0.206 against 0.290 ms
+    (benchmarks/results/decode_attn_sweep_h200.json; benchmarks/decode_attn_sweep.py re-times it)."""
+    fp8 = kv_dtype is not None and kv_dtype.itemsize == 1
+    if head_dim <= 64 or num_splits <= 4:
+        return {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3 if fp8 else 2, "FP16_DOT": fp8}
+    return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, req_to_token: torch.Tensor,
@@ -239,7 +246,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         mid_o = mid_lse = out  # unused by the kernel
     if B == 0:
         return out
-    cfg = config or decode_config(D, k_buf.dtype)
+    cfg = config or decode_config(D, k_buf.dtype, S)
     block_d = triton.next_power_of_2(D)
     has_window = bool(sliding_window) and sliding_window > 0
     _decode_stage1[(B, KVH, S)](

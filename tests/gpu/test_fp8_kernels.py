@@ -76,7 +76,8 @@ def fp8_pool_case(case, fp8_dtype: torch.dtype, k_scale: float, v_scale: float):
 
 def check_fp8_attention(device: str, decode: bool, fp8_dtype: torch.dtype, seed: int = 0,
                         fp16_dot: bool | None = None) -> float:
-    """fp16_dot: force the decode kernel's fp16 dot path on (True) or off (False); None takes decode_config's."""
+    """fp16_dot: one split with the few-split (large batch) config, its fp16 dot forced on (True) or off
+    (False); None: the split count and config decode_attention picks."""
     assert_close, make_case = _helpers("assert_close", "make_case")
     from radixserve.attention.torch_backend import TorchAttentionBackend
     from radixserve.forward_batch import ForwardBatch
@@ -95,11 +96,11 @@ def check_fp8_attention(device: str, decode: bool, fp8_dtype: torch.dtype, seed:
     ref = be.forward(q.float(), layer, fb32)
     pool = fb.kv_pool
     if decode:
-        cfg = decode_config(q.shape[-1], pool.k[0].dtype)
+        cfg, splits = None, None
         if fp16_dot is not None:
-            cfg = {**cfg, "FP16_DOT": fp16_dot}
+            cfg, splits = {**decode_config(q.shape[-1], pool.k[0].dtype, 1), "FP16_DOT": fp16_dot}, 1
         out = decode_attention(q, pool.k[0], pool.v[0], fb.req_to_token, fb.req_rows, fb.seq_lens, layer.scale,
-                               k_scale=ks, v_scale=vs, config=cfg)
+                               num_splits=splits, k_scale=ks, v_scale=vs, config=cfg)
     else:
         out = extend_attention(q, pool.k[0], pool.v[0], fb.req_to_token, fb.req_rows, fb.prefix_lens,
                                fb.extend_lens, layer.scale, k_scale=ks, v_scale=vs)
