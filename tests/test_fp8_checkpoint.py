@@ -277,3 +277,35 @@ def test_static_input_scale_in_w8a8():
     want = w8a8_ref(x, layer.weight, layer.weight_scale, torch.tensor([0.02]))
     torch.testing.assert_close(layer(x), want, rtol=0, atol=0)
     assert not torch.equal(want, w8a8_ref(x, layer.weight, layer.weight_scale))  # the scale mattered
+
+
+def test_norm_and_silu_quantize_for_w8a8_bitwise(tmp_path, monkeypatch):
+    """From w8a8_min_tokens rows, RMSNorm and SiLU-and-mul hand qkv, gate_up and down their input already
+    quantized per token (QuantizedActivation) instead of a 16/32-bit tensor the matmul quantizes again. The
+    logits of a 600-token prefill are bitwise those of the unfused path (input_quant switched off), and the
+    fused path ran for the three projections of each layer."""
+    from transformers import LlamaConfig
+    from transformers import LlamaForCausalLM as HFLlama
+
+    from radixserve.bench.quant_accuracy import teacher_forced_logits
+    from radixserve.weights.loader import resolve_model
+
+    torch.manual_seed(0)
+    HFLlama(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
+    args = ServerArgs(model=str(tmp_path), device="cpu", max_total_tokens=1024, quantization="fp8",
+                      cpu_weight_dtype="float32")
+    runner = ModelRunner(args, resolve_model(str(tmp_path)))
+    ids = torch.randint(3, 250, (600,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert len(ids) >= fp8_mod.w8a8_min_tokens(128, 64)
+    calls = []
+    real = fp8_mod._apply_quantized
+    monkeypatch.setattr(fp8_mod, "_apply_quantized", lambda *a: calls.append(a[2].q.shape) or real(*a))
+    fused = teacher_forced_logits(runner, ids)
+    assert len(calls) == 2 * 3 and all(s[0] == 600 for s in calls)
+    monkeypatch.setattr(fp8_mod.Fp8LinearMethod, "input_quant", lambda self, layer, n: None)
+    calls.clear()
+    unfused = teacher_forced_logits(runner, ids)
+    assert not calls
+    assert torch.equal(fused, unfused)
+    assert teacher_forced_logits(runner, ids[:40]).shape == (40, 256)  # below the switch: weight-only, unfused

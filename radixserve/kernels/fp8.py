@@ -97,10 +97,16 @@ def w8a8_ref(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, input_scale:
     else:
         xs = input_scale.float().reshape(1, 1)
         xq = to_fp8(x.reshape(-1, x.shape[-1]).float() / xs)
+    return w8a8_quantized_ref(xq, xs, w, scale, bias, x.dtype).reshape(*x.shape[:-1], -1)
+
+
+def w8a8_quantized_ref(xq: torch.Tensor, xs: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """w8a8_ref from the quantized activation xq [M, K] with its scales xs [M, 1] (or [1, 1])."""
     y = (xq.float() * xs) @ dequantize(w, scale).t()
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return y.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -287,7 +293,7 @@ def w8a16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torc
 
 
 __all__ = ["FP8_DTYPES", "HAS_TRITON", "dequantize", "expand_group_scale", "fp8_max", "quantize_blocks",
-           "quantize_rows", "to_fp8", "w8a16_config", "w8a16_gemm", "w8a16_ref", "w8a8_ref"]
+           "quantize_rows", "to_fp8", "w8a16_config", "w8a16_gemm", "w8a16_ref", "w8a8_quantized_ref", "w8a8_ref"]
 
 
 def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,

@@ -7,6 +7,11 @@ Every function here has the semantics of the layer it replaces, rounding steps i
     rotary_and_store_kv   rotary (HF rotate-half, fp32 math, cast back) on q and k, the KV-pool store of
                   the rotated k and of v, in one pass
 
+rmsnorm and silu_and_mul can also hand their output to an FP8 W8A8 matmul already quantized per token
+(`quant=`): the rounded output row, its amax, scale = amax / fp8 max, q = out / scale saturated -- the
+arithmetic of kernels/fp8.quantize_rows on the rounded output, so the result is bitwise what the separate
+quantize kernel gives, without writing the 16-bit output and reading it back.
+
 The Triton path runs for CUDA tensors (and for CPU tensors under TRITON_INTERPRET=1, which is how
 the kernels are validated without a GPU); anything else takes the torch reference, so these are
 safe to call on every device. All of them are memory bound: the point of fusing is to read and
@@ -86,11 +91,22 @@ def rotary_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_si
 if HAS_TRITON:
 
     @triton.jit
+    def _quantize_tile(y, mask, rows, cols, Q, S, stride_q, n_rows, FP8_MAX: tl.constexpr):
+        """Per-row FP8 of a [BLOCK_R, BLOCK_N] fp32 tile (already rounded to the activation dtype):
+        kernels/fp8._quantize_rows_kernel's arithmetic."""
+        y = tl.where(mask, y, 0.0)
+        scale = tl.maximum(tl.max(tl.abs(y), 1), 1e-12) / FP8_MAX
+        q = tl.minimum(tl.maximum(y / scale[:, None], -FP8_MAX), FP8_MAX)
+        tl.store(Q + rows[:, None] * stride_q + cols[None, :], q.to(Q.dtype.element_ty), mask=mask)
+        tl.store(S + rows, scale, mask=rows < n_rows)
+
+    @triton.jit
     def _rmsnorm_kernel(X, R, W, Out, ResOut, n_rows, N, stride_x, stride_r, stride_o, stride_ro, eps,
                         BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RES: tl.constexpr,
-                        PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = False, Q=None, S=None, FP8_MAX: tl.constexpr = 0.0):
         """BLOCK_R whole rows per program: wide rows (hidden 4096) take one program each, narrow
-        ones (per-head q/k norm, D = 128) are batched so each program still moves ~8 KB."""
+        ones (per-head q/k norm, D = 128) are batched so each program still moves ~8 KB. FP8_MAX > 0:
+        the output goes to Q/S quantized per row instead (Out only names the dtype it is rounded to)."""
         pdl.trigger(PDL)
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         cols = tl.arange(0, BLOCK_N)
@@ -105,7 +121,11 @@ if HAS_TRITON:
         normed = (xf * inv[:, None]).to(X.dtype.element_ty)
         w = tl.load(W + cols, mask=cols < N, other=0.0)
         out = w.to(tl.float32)[None, :] * normed.to(tl.float32)
-        tl.store(Out + rows[:, None] * stride_o + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
+        if FP8_MAX > 0:
+            _quantize_tile(out.to(Out.dtype.element_ty).to(tl.float32), mask, rows, cols, Q, S, stride_o, n_rows,
+                           FP8_MAX)
+        else:
+            tl.store(Out + rows[:, None] * stride_o + cols[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_and_mul_kernel(X, Out, N, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
@@ -117,6 +137,20 @@ if HAS_TRITON:
         u = tl.load(X + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
         s = (g / (1.0 + tl.exp(-g))).to(Out.dtype.element_ty)  # F.silu rounds to the dtype first
         tl.store(Out + row * stride_o + cols, (s.to(tl.float32) * u).to(Out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _silu_and_mul_quant_kernel(X, Q, S, N, stride_x, stride_q, BLOCK: tl.constexpr, FP8_MAX: tl.constexpr,
+                                   PDL: tl.constexpr = False):
+        """silu_and_mul of one whole row per program, rounded to X's dtype, then quantized per row."""
+        pdl.trigger(PDL)
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < N
+        g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(X + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty)
+        y = (s.to(tl.float32) * u).to(X.dtype.element_ty).to(tl.float32)
+        _quantize_tile(y[None, :], mask[None, :], row + tl.arange(0, 1), cols, Q, S, stride_q, row + 1, FP8_MAX)
 
     @triton.jit
     def _to_cache(x, inv_scale, Dst, FP8_MAX: tl.constexpr):
@@ -173,12 +207,22 @@ if HAS_TRITON:
 # Public API
 
 
+def _quantize_rows_twin(y: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from radixserve.kernels.fp8 import quantize_rows
+    y2 = y.reshape(-1, y.shape[-1])
+    return quantize_rows(y2, dtype)
+
+
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-            out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None):
+            out: torch.Tensor | None = None, residual_out: torch.Tensor | None = None,
+            quant: torch.dtype | None = None):
     """RMSNorm over the last dim. Without `residual`: returns normed(x). With it: returns
     (normed(x + residual), x + residual) — the drop-in for RMSNorm.forward. Out of place; `out` /
     `residual_out` (contiguous, x's shape; out in the promoted dtype of weight and x) may be given
-    to reuse buffers — residual_out may alias residual (each row is read before it is written)."""
+    to reuse buffers — residual_out may alias residual (each row is read before it is written).
+    quant (an FP8 dtype): normed(...) comes back as (q [rows, N], scale [rows, 1] fp32), quantized per row."""
+    if quant is not None:
+        return _rmsnorm_quant(x, weight, eps, residual, quant)
     if not _use_triton(x) or (residual is not None and residual.dtype != x.dtype):
         res = rmsnorm_ref(x, weight, eps, residual)
         if out is None and residual_out is None:
@@ -215,8 +259,56 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
     return out if residual is None else (out, res_out)
 
 
-def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """silu(x[..., :N]) * x[..., N:] for x [..., 2N]; returns [..., N] (into `out` if given, contiguous)."""
+def _rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                   quant: torch.dtype):
+    N = x.shape[-1]
+    if not _use_triton(x) or (residual is not None and residual.dtype != x.dtype) or N > 32768:
+        res = rmsnorm_ref(x, weight, eps, residual)
+        normed, new_res = (res, None) if residual is None else res
+        q = _quantize_rows_twin(normed, quant)
+        return q if residual is None else (q, new_res)
+    x2 = x.reshape(-1, N)
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    rows = x2.shape[0]
+    q = torch.empty((rows, N), dtype=quant, device=x.device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    like = x2 if out_dtype == x.dtype else torch.empty(1, dtype=out_dtype, device=x.device)  # the rounding dtype
+    if residual is not None:
+        r2 = residual.reshape(-1, N)
+        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
+        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        ro2 = res_out.view(-1, N)
+    else:
+        r2 = ro2 = res_out = x2
+    if rows:
+        block_n = triton.next_power_of_2(N)
+        block_r = max(1, min(64, 4096 // block_n))
+        tile = block_r * block_n
+        _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
+            x2, r2, weight, like, ro2, rows, N, x2.stride(0), r2.stride(0), q.stride(0), ro2.stride(0), eps,
+            BLOCK_R=block_r, BLOCK_N=block_n, HAS_RES=residual is not None, PDL=pdl.ENABLED, Q=q, S=scale,
+            FP8_MAX=_fp8_max(quant), num_warps=4 if tile <= 4096 else (8 if tile <= 8192 else 16))
+    return (q, scale) if residual is None else ((q, scale), res_out)
+
+
+def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, quant: torch.dtype | None = None):
+    """silu(x[..., :N]) * x[..., N:] for x [..., 2N]; returns [..., N] (into `out` if given, contiguous).
+    quant (an FP8 dtype): returns (q [rows, N], scale [rows, 1] fp32) instead, the rows quantized as rmsnorm's."""
+    if quant is not None:
+        N = x.shape[-1] // 2
+        x2 = x.reshape(-1, 2 * N)
+        if not _use_triton(x) or N > 32768:
+            return _quantize_rows_twin(silu_and_mul_ref(x2), quant)
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        q = torch.empty((x2.shape[0], N), dtype=quant, device=x.device)
+        scale = torch.empty((x2.shape[0], 1), dtype=torch.float32, device=x.device)
+        if x2.shape[0] and N:
+            block = triton.next_power_of_2(N)
+            _silu_and_mul_quant_kernel[(x2.shape[0],)](x2, q, scale, N, x2.stride(0), q.stride(0), BLOCK=block,
+                                                       FP8_MAX=_fp8_max(quant), PDL=pdl.ENABLED,
+                                                       num_warps=4 if block <= 2048 else (8 if block <= 8192 else 16))
+        return q, scale
     if not _use_triton(x):
         return silu_and_mul_ref(x) if out is None else out.copy_(silu_and_mul_ref(x))
     N = x.shape[-1] // 2

@@ -13,7 +13,7 @@ from torch import nn
 
 from radixserve.distributed.group import TPGroup
 from radixserve.layers.quantization import LinearMethod, QuantConfig
-from radixserve.layers.quantization.base import ParamLayout, make_param
+from radixserve.layers.quantization.base import ParamLayout, QuantizedActivation, make_param
 from radixserve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 
@@ -70,8 +70,12 @@ class LinearBase(nn.Module):
         loaded = loaded.to(dst.dtype)
         dst.copy_(torch.maximum(dst, loaded) if layout.reduce == "max" else loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         return self.quant_method.apply(self, x, self.bias)
+
+    def input_quant(self, num_tokens: int) -> torch.dtype | None:
+        """See LinearMethod.input_quant: whether the producer of this layer's input may quantize it."""
+        return self.quant_method.input_quant(self, num_tokens)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -122,6 +126,6 @@ class RowParallelLinear(LinearBase):
         n = tp.split(in_features, "input features")
         super().__init__(in_features, n, True, {None: (0, out_features, 0, out_features)}, bias, tp, quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         y = self.tp.all_reduce(self.quant_method.apply(self, x, None))
         return y if self.bias is None else y + self.bias

@@ -11,6 +11,7 @@ from radixserve.distributed.group import TPGroup
 from radixserve.kernels.fused import silu_and_mul
 from radixserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from radixserve.layers.quantization import QuantConfig
+from radixserve.layers.quantization.base import QuantizedActivation
 
 
 class DenseMLP(nn.Module):
@@ -19,5 +20,12 @@ class DenseMLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, False, tp, quant)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, False, tp, quant)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def input_quant(self, num_tokens: int) -> torch.dtype | None:
+        return self.gate_up_proj.input_quant(num_tokens)
+
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        h = self.gate_up_proj(x)
+        quant = self.down_proj.input_quant(h.shape[0])
+        if quant is None:
+            return self.down_proj(silu_and_mul(h))
+        return self.down_proj(QuantizedActivation(*silu_and_mul(h, quant=quant), h.dtype))

@@ -54,12 +54,15 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 fb: ForwardBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # quant: an FP8 dtype when the next matmul quantizes its input per token (W8A8): the norm does it
+        quant = self.self_attn.qkv_proj.input_quant(x.shape[0])
         if residual is None:
-            x, residual = self.input_layernorm(x), x
+            x, residual = self.input_layernorm(x, quant=quant), x
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, quant=quant)
         x = self.self_attn(positions, x, fb)
-        x, residual = self.post_attention_layernorm(x, residual)
+        quant = self.mlp.input_quant(x.shape[0]) if isinstance(self.mlp, DenseMLP) else None
+        x, residual = self.post_attention_layernorm(x, residual, quant=quant)
         return self.mlp(x), residual
 
 

@@ -11,6 +11,8 @@ tests/test_fp8_kernels_interpret.py, on small shapes).
                          up to one FP8 rounding step (x * (1/s) vs x / s may round apart at a tie).
     W8A8 (_scaled_mm)    the engine's large-batch path vs kernels.fp8.w8a8_ref: < 2e-2 relative.
     per-token quantize   quantize_rows_fused vs quantize_rows: scales to 1e-6, values within one rounding step.
+    fused quantize       rmsnorm / silu_and_mul with quant= vs the same kernel's 16-bit output then
+                         quantize_rows_fused: bitwise equal (values and scales), residual output too.
 """
 from __future__ import annotations
 
@@ -142,6 +144,26 @@ def check_fp8_rotary_store(device: str, fp8_dtype: torch.dtype, seed: int = 0) -
     assert torch.isfinite(k1).all() and torch.isfinite(v1).all()  # saturated, never NaN / inf
 
 
+def check_fused_quantize(device: str, rows: int, n: int, dtype: torch.dtype, residual: bool, seed: int = 0) -> None:
+    """rmsnorm(quant=) and silu_and_mul(quant=) against their unfused two-kernel path, bitwise."""
+    from radixserve.kernels.fused import rmsnorm, silu_and_mul
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, n, generator=g) * 3).to(dtype).to(device)
+    w = (torch.rand(n, generator=g) + 0.5).to(dtype).to(device)
+    r = (torch.randn(rows, n, generator=g)).to(dtype).to(device) if residual else None
+    got = rmsnorm(x, w, 1e-6, r, quant=torch.float8_e4m3fn)
+    want = rmsnorm(x, w, 1e-6, r)
+    ((gq, gs), gr), (wn, wr) = (got, want) if residual else ((got, None), (want, None))
+    wq, ws = F8.quantize_rows_fused(wn.reshape(rows, n))
+    assert torch.equal(gs, ws) and torch.equal(gq.view(torch.uint8), wq.view(torch.uint8)), "rmsnorm quant"
+    if residual:
+        assert torch.equal(gr, wr), "rmsnorm quant: residual output"
+    h = (torch.randn(rows, 2 * n, generator=g) * 4).to(dtype).to(device)
+    gq, gs = silu_and_mul(h, quant=torch.float8_e4m3fn)
+    wq, ws = F8.quantize_rows_fused(silu_and_mul(h))
+    assert torch.equal(gs, ws) and torch.equal(gq.view(torch.uint8), wq.view(torch.uint8)), "silu_and_mul quant"
+
+
 # --------------------------------------------------------------------------------------------------
 # GPU tests
 
@@ -161,6 +183,13 @@ def test_w8a16_gpu(m, nk, group):
 @pytest.mark.parametrize("mk", [(1, 4096), (64, 4096), (300, 14336), (5, 200)])
 def test_quantize_rows_fused_gpu(mk):
     check_quantize_rows("cuda", *mk, torch.bfloat16)
+
+
+@needs_fp8_gpu
+@pytest.mark.parametrize("rows,n", [(64, 4096), (300, 14336), (70, 128), (9, 200)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fused_quantize_gpu(rows, n, residual):
+    check_fused_quantize("cuda", rows, n, torch.bfloat16, residual)
 
 
 @needs_fp8_gpu

@@ -23,7 +23,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -52,6 +52,19 @@ def make_param(shape: tuple[int, ...], dtype: torch.dtype, layout: ParamLayout,
     return p
 
 
+class QuantizedActivation(NamedTuple):
+    """A linear layer's input already quantized per token by the kernel that produced it (RMSNorm,
+    SiLU-and-mul), so the matmul skips its own quantize pass: q [T, K], scale [T, 1] fp32, and the
+    dtype the product comes back in. Made only for a layer whose `input_quant` asked for it."""
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
 class LinearMethod(ABC):
     """How one linear layer stores and applies its weight. Stateless across layers: per-layer state
     lives on the layer as parameters/buffers the method registers."""
@@ -70,8 +83,15 @@ class LinearMethod(ABC):
         """Turn the loaded tensors into the form `apply` uses (quantize, requantize, dequantize)."""
 
     @abstractmethod
-    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [..., in] -> [..., out] in x's dtype."""
+    def apply(self, layer: LinearBase, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        """x [..., in] -> [..., out] in x's dtype. A QuantizedActivation comes only after input_quant said so."""
+
+    def input_quant(self, layer: LinearBase, num_tokens: int) -> torch.dtype | None:
+        """The FP8 dtype when `apply` would quantize an input of num_tokens rows per token (dynamically)
+        itself: the kernel producing the input may then hand over a QuantizedActivation instead. None: a
+        plain tensor, always."""
+        return None
 
 
 class QuantConfig(ABC):

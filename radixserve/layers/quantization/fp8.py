@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.kernels import fp8 as K
-from radixserve.layers.quantization.base import LinearMethod, ParamLayout, QuantConfig, make_param
+from radixserve.layers.quantization.base import (LinearMethod, ParamLayout, QuantConfig, QuantizedActivation,
+                                                 make_param)
 from radixserve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -64,7 +65,22 @@ class Fp8LinearMethod(LinearMethod):
             layer.weight.data.copy_(w)
             layer.quant_method = UnquantizedLinearMethod()
 
-    def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def input_quant(self, layer: LinearBase, num_tokens: int) -> torch.dtype | None:
+        """FP8 when apply takes the W8A8 branch with per-token scales: the norm / SiLU kernel before it then
+        writes q and scale directly (bitwise the same values; one pass over the activation fewer)."""
+        w, s = layer.weight, layer.weight_scale
+        if w.dtype != FP8 or s.shape[1] != 1 or getattr(layer, "input_scale", None) is not None \
+                or num_tokens < w8a8_min_tokens(*w.shape):
+            return None
+        if w.is_cuda and (layer.params_dtype not in (torch.bfloat16, torch.float16) or w.shape[0] % 16
+                          or w.shape[1] % 16):
+            return None
+        return FP8
+
+    def apply(self, layer: LinearBase, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None
+              ) -> torch.Tensor:
+        if isinstance(x, QuantizedActivation):
+            return _apply_quantized(layer.weight, layer.weight_scale, x, bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         w, s = layer.weight, layer.weight_scale
@@ -84,6 +100,15 @@ class Fp8LinearMethod(LinearMethod):
         else:
             y = F.linear(x2, K.dequantize(w, s, x.dtype), bias)
         return y.reshape(*shape[:-1], -1)
+
+
+def _apply_quantized(w: torch.Tensor, s: torch.Tensor, x: QuantizedActivation, bias: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """W8A8 of an input quantized per token by its producer (input_quant): _scaled_mm on CUDA, the twin elsewhere."""
+    if x.q.is_cuda:
+        return torch._scaled_mm(x.q, w.t(), scale_a=x.scale, scale_b=s.reshape(1, -1), bias=bias, out_dtype=x.dtype,
+                                use_fast_accum=True)
+    return K.w8a8_quantized_ref(x.q, x.scale, w, s, bias, x.dtype)
 
 
 def _scaled_mm_w8a8(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, input_scale: torch.Tensor | None,
