@@ -5,6 +5,8 @@
 #   fp8test     the FP8 kernel tests (GEMV at M <= 4, tensor-core tile, W8A8, FP8 KV, the GEMV under PDL in a
 #               CUDA graph) and HiCache's layer-by-layer load against a device-resident prefix
 #   attnsweep   decode attention's launch sweep, bf16 and FP8 pools (what kernels.attention.decode_config follows)
+#   attnsweep2  the same at batch 64 / 256 only, with 256-token tiles and up to 4 stages
+#   kerneltest  the attention / fused kernels vs torch (tests/gpu/test_kernels.py)
 #   gemvsweep   the W8A16 GEMV's tile sweep inside CUDA graphs (what kernels.fp8.gemv_config follows)
 #   fp8gemm     per-shape GEMM timings, bf16 vs W8A16 (GEMV and tile) vs W8A8, LM head included (issue 12)
 #   fp8b1       batch-1 decode, bf16, --quantization fp8, and fp8 --disable-pdl, 8B preset (issue 12's 1.8x target)
@@ -42,7 +44,10 @@ run() {
   echo "--- ${*:1:3}... took $((SECONDS - t0)) s"
 }
 has fp8test && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_hicache_gpu.py
+has kerneltest && run 200 python -m pytest -q -rf tests/gpu/test_kernels.py
 has attnsweep && run 420 python benchmarks/decode_attn_sweep.py --output "$OUT/decode_attn_sweep_h200.json"
+has attnsweep2 && run 200 python benchmarks/decode_attn_sweep.py --large-batch \
+  --output "$OUT/decode_attn_sweep_large_batch_h200.json"
 has gemvsweep && run 300 python benchmarks/fp8_gemv_sweep.py --output "$OUT/fp8_gemv_sweep_h200.json"
 has fp8gemm && run 100 python benchmarks/fp8_gemm_bench.py --output "$OUT/fp8_gemm_h200_gemv.json"
 if has fp8b1; then
