@@ -5,9 +5,10 @@
 #   fp8test     the FP8 kernel tests (GEMV at M <= 4, tensor-core tile, W8A8, FP8 KV, the GEMV under PDL in a
 #               CUDA graph) and HiCache's layer-by-layer load against a device-resident prefix
 #   attnsweep   decode attention's launch sweep, bf16 and FP8 pools (what kernels.attention.decode_config follows)
-#   attnsweep2  the same at batch 64 / 256 only, with 256-token tiles and up to 4 stages
+#   attnsweep2  the same at batch 64 / 256 only, 128-token tiles, 1-4 warps, 2-4 stages
 #   kerneltest  the attention / fused kernels vs torch (tests/gpu/test_kernels.py)
 #   gemvsweep   the W8A16 GEMV's tile sweep inside CUDA graphs (what kernels.fp8.gemv_config follows)
+#   fp8graph    bf16 vs W8A16 tile vs W8A8 inside CUDA graphs at 8-128 tokens (where w8a8_min_tokens should be)
 #   fp8gemm     per-shape GEMM timings, bf16 vs W8A16 (GEMV and tile) vs W8A8, LM head included (issue 12)
 #   fp8b1       batch-1 decode, bf16, --quantization fp8, and fp8 --disable-pdl, 8B preset (issue 12's 1.8x target)
 #   bf16nopdl   batch-1 decode, bf16 --disable-pdl (what PDL gives the bf16 path's small kernels)
@@ -49,6 +50,7 @@ has attnsweep && run 420 python benchmarks/decode_attn_sweep.py --output "$OUT/d
 has attnsweep2 && run 200 python benchmarks/decode_attn_sweep.py --large-batch \
   --output "$OUT/decode_attn_sweep_large_batch_h200.json"
 has gemvsweep && run 300 python benchmarks/fp8_gemv_sweep.py --output "$OUT/fp8_gemv_sweep_h200.json"
+has fp8graph && run 200 python benchmarks/fp8_gemm_graph_bench.py --output "$OUT/fp8_gemm_graph_h200.json"
 has fp8gemm && run 100 python benchmarks/fp8_gemm_bench.py --output "$OUT/fp8_gemm_h200_gemv.json"
 if has fp8b1; then
   run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --output "$OUT/fp8_h200_bs1_bf16.json"
