@@ -206,10 +206,11 @@ def decode_config(head_dim: int, kv_dtype: torch.dtype | None = None, num_splits
     >= ~17 at 8 KV heads), each program streams a whole sequence and 128-token tiles pay: on the H200 at
     batch 256 over 300-1500 tokens, 0.236 against 0.298 ms in bf16 (90.8 % of the copy bandwidth), and for
     an FP8 pool, with three stages and the fp16 dot, 0.206 against 0.290 ms
-    (benchmarks/results/decode_attn_sweep_h200.json; benchmarks/decode_attn_sweep.py re-times it)."""
+    (benchmarks/results/decode_attn_sweep_h200.json; benchmarks/decode_attn_sweep.py re-times it), and with
+    two warps instead of four 0.181 ms (decode_attn_sweep_large_batch_h200.json; bf16 stays best at four)."""
     fp8 = kv_dtype is not None and kv_dtype.itemsize == 1
     if head_dim <= 64 or num_splits <= 4:
-        return {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3 if fp8 else 2, "FP16_DOT": fp8}
+        return {"BLOCK_N": 128, "num_warps": 2 if fp8 else 4, "num_stages": 3 if fp8 else 2, "FP16_DOT": fp8}
     return {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 

@@ -32,14 +32,17 @@ FP8 = torch.float8_e4m3fn
 
 def w8a8_min_tokens(n: int, k: int) -> int:
     """Tokens per matmul from which W8A8 (_scaled_mm) replaces the W8A16 kernel (per-row scales). Measured on
-    an H200 at the Llama-3.1-8B shapes (benchmarks/results/fp8_gemm_h200_gemv.json): from 64 tokens
-    `_scaled_mm` alone beats the W8A16 tile on every shape (qkv 28.7 against 61.2 us at 64 tokens, o 65.8 vs
-    75.3, gate_up 56.1 vs 126.9, down 73.3 vs 83.2); the unfused activation quantization that used to come
-    with it (six kernels, 50-100 us eager) had kept qkv and o on W8A16 up to 512 tokens, which made FP8 slower
-    than bf16 in offline decode (0.79x). quantize_rows_fused is one kernel. Matrices under 4096 x 4096 keep
-    the weight-only kernel up to 512 tokens: launch-bound there, where quantizing activations costs accuracy
-    and buys nothing."""
-    return 64 if n * k >= 1 << 24 else 512
+    an H200 at the Llama-3.1-8B shapes inside CUDA graphs, eight distinct weights per graph, the activation
+    quantized by the RMSNorm / SiLU kernel before it (benchmarks/fp8_gemm_graph_bench.py,
+    benchmarks/results/fp8_gemm_graph_h200.json): W8A8 is faster from 8 tokens on qkv (15.3 vs 18.1 us),
+    o (17.0-17.5 vs 13-23 us) and gate_up (37.4 vs 47.0 us), and from 24 on down_proj (K 14336: 38.1 vs 50.7
+    us; at 16 tokens the tile wins, 31.9 vs 38.2). From 40 tokens the 16-row W8A16 tile was twice as slow
+    as bf16 (gate_up 125 vs 62 us): the old switch at 64 tokens made FP8 decode slower than bf16 there.
+    Matrices under 4096 x 4096 keep the weight-only kernel up to 512 tokens: launch-bound there, where
+    quantizing activations costs accuracy and buys nothing."""
+    if n * k < 1 << 24:
+        return 512
+    return 24 if k >= 8192 else 8
 
 
 def fp8_supported(device: torch.device) -> bool:
