@@ -6,6 +6,8 @@
 #               CUDA graph) and HiCache's layer-by-layer load against a device-resident prefix
 #   attnsweep   decode attention's launch sweep, bf16 and FP8 pools (what kernels.attention.decode_config follows)
 #   attnsweep2  the same at batch 64 / 256 only, 128-token tiles, 1-4 warps, 2-4 stages
+#   fp8quick    the FP8 attention, fused-quantize and W8A8 GPU tests only
+#   fp8acc      FP8 weights / KV / both against bf16 on random weights (first token, common prefix, KL)
 #   kerneltest  the attention / fused kernels vs torch (tests/gpu/test_kernels.py)
 #   gemvsweep   the W8A16 GEMV's tile sweep inside CUDA graphs (what kernels.fp8.gemv_config follows)
 #   fp8graph    bf16 vs W8A16 tile vs W8A8 inside CUDA graphs at 8-128 tokens (where w8a8_min_tokens should be)
@@ -45,6 +47,9 @@ run() {
   echo "--- ${*:1:3}... took $((SECONDS - t0)) s"
 }
 has fp8test && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_hicache_gpu.py
+has fp8quick && run 120 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py -k "attention or dot_dtypes or fused or scaled_mm"
+has fp8acc && run 200 python -m radixserve.bench.quant_accuracy $M8 --num-prompts 4 --output-len 16 --max-total-tokens 4096 \
+  --disable-cuda-graph --output "$OUT/fp8_h200_accuracy_llama8b_dummy_gpu.json"
 has kerneltest && run 200 python -m pytest -q -rf tests/gpu/test_kernels.py
 has attnsweep && run 420 python benchmarks/decode_attn_sweep.py --output "$OUT/decode_attn_sweep_h200.json"
 has attnsweep2 && run 200 python benchmarks/decode_attn_sweep.py --large-batch \
