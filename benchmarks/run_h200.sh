@@ -25,6 +25,7 @@
 #   conserv     --schedule-conservativeness auto vs 1.0, requests ending at "EOS" after ~100 of 1024 tokens
 #               (issue 18's H200 target; --eos-every on dummy weights)
 #   conservmixed  the same with --enable-mixed-chunk (admissions ride along with the decode step)
+#   offlineab   offline minisgl bf16 / fp8 + fp8 KV alternating twice (the 1.5x target's ratio vs run-to-run noise)
 #   pdlab       batch-1 fp8 decode alternating --disable-pdl / default, three times each (PDL's effect vs noise)
 #   piecewise   concurrency-1 TTFT for 16-, 128- and 512-token prompts, a piecewise-graph server vs an eager
 #               one side by side (issue 14's <= 0.8x target)
@@ -107,6 +108,14 @@ if has diag; then
     --cuda-graph-max-bs 256
   diag fp8_prefill --quantization fp8 --phase prefill --batch-size 8 --input-len 2048 --cuda-graph-max-bs 8
   diag bf16_prefill --phase prefill --batch-size 8 --input-len 2048 --cuda-graph-max-bs 8
+fi
+if has offlineab; then  # offline bf16 / fp8+fp8-KV alternating twice: the ratio within a pair vs the noise between them
+  for i in 1 2; do
+    run 80 python -m radixserve.bench.offline $M8 --workload minisgl --output "$OUT/fp8_h200_offline_ab_bf16_$i.json" \
+      | grep "Output token\|Roofline"
+    run 80 python -m radixserve.bench.offline $M8 --workload minisgl --quantization fp8 --kv-cache-dtype fp8_e4m3 \
+      --output "$OUT/fp8_h200_offline_ab_fp8_$i.json" | grep "Output token\|Roofline"
+  done
 fi
 if has pdlab; then
   for i in 1 2 3; do
