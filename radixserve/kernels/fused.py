@@ -232,14 +232,40 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         if residual is None:
             return normed
         return normed, (residual_out.copy_(new_res) if residual_out is not None else new_res)
+    return _rmsnorm_triton(x, weight, eps, residual, out, residual_out, None)
+
+
+def _rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                   quant: torch.dtype):
+    if not _use_triton(x) or (residual is not None and residual.dtype != x.dtype) or x.shape[-1] > 32768:
+        res = rmsnorm_ref(x, weight, eps, residual)
+        normed, new_res = (res, None) if residual is None else res
+        q = _quantize_rows_twin(normed, quant)
+        return q if residual is None else (q, new_res)
+    return _rmsnorm_triton(x, weight, eps, residual, None, None, quant)
+
+
+def _rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                    out: torch.Tensor | None, residual_out: torch.Tensor | None, quant: torch.dtype | None):
+    """The Triton launch of rmsnorm: the normed rows into `out`, or quantized per row (quant) into (q, scale)."""
     N = x.shape[-1]
     x2 = x.reshape(-1, N)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    if out is None:
-        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    out2 = out.view(-1, N)
+    out_dtype = torch.promote_types(weight.dtype, x.dtype)
+    if quant is not None:
+        q = torch.empty((rows, N), dtype=quant, device=x.device)
+        scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
+        # Out is not written: it only names the dtype the normed rows are rounded to before quantizing
+        out2 = x2 if out_dtype == x.dtype else torch.empty(1, dtype=out_dtype, device=x.device)
+        stride_o, fp8_max = q.stride(0), _fp8_max(quant)
+    else:
+        q = scale = None
+        if out is None:
+            out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        out2 = out.view(-1, N)
+        stride_o, fp8_max = out2.stride(0), 0.0
     if residual is not None:
         r2 = residual.reshape(-1, N)
         if r2.stride(-1) != 1:
@@ -253,43 +279,11 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.T
         block_r = max(1, min(64, 4096 // block_n))
         tile = block_r * block_n
         _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
-            x2, r2, weight, out2, ro2, rows, N, x2.stride(0), r2.stride(0), out2.stride(0), ro2.stride(0), eps,
-            BLOCK_R=block_r, BLOCK_N=block_n, HAS_RES=residual is not None, PDL=pdl.ENABLED,
-            num_warps=4 if tile <= 4096 else (8 if tile <= 8192 else 16))
-    return out if residual is None else (out, res_out)
-
-
-def _rmsnorm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                   quant: torch.dtype):
-    N = x.shape[-1]
-    if not _use_triton(x) or (residual is not None and residual.dtype != x.dtype) or N > 32768:
-        res = rmsnorm_ref(x, weight, eps, residual)
-        normed, new_res = (res, None) if residual is None else res
-        q = _quantize_rows_twin(normed, quant)
-        return q if residual is None else (q, new_res)
-    x2 = x.reshape(-1, N)
-    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-    rows = x2.shape[0]
-    q = torch.empty((rows, N), dtype=quant, device=x.device)
-    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    out_dtype = torch.promote_types(weight.dtype, x.dtype)
-    like = x2 if out_dtype == x.dtype else torch.empty(1, dtype=out_dtype, device=x.device)  # the rounding dtype
-    if residual is not None:
-        r2 = residual.reshape(-1, N)
-        r2 = r2 if r2.stride(-1) == 1 else r2.contiguous()
-        res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        ro2 = res_out.view(-1, N)
-    else:
-        r2 = ro2 = res_out = x2
-    if rows:
-        block_n = triton.next_power_of_2(N)
-        block_r = max(1, min(64, 4096 // block_n))
-        tile = block_r * block_n
-        _rmsnorm_kernel[(triton.cdiv(rows, block_r),)](
-            x2, r2, weight, like, ro2, rows, N, x2.stride(0), r2.stride(0), q.stride(0), ro2.stride(0), eps,
+            x2, r2, weight, out2, ro2, rows, N, x2.stride(0), r2.stride(0), stride_o, ro2.stride(0), eps,
             BLOCK_R=block_r, BLOCK_N=block_n, HAS_RES=residual is not None, PDL=pdl.ENABLED, Q=q, S=scale,
-            FP8_MAX=_fp8_max(quant), num_warps=4 if tile <= 4096 else (8 if tile <= 8192 else 16))
-    return (q, scale) if residual is None else ((q, scale), res_out)
+            FP8_MAX=fp8_max, num_warps=4 if tile <= 4096 else (8 if tile <= 8192 else 16))
+    normed = out if quant is None else (q, scale)
+    return normed if residual is None else (normed, res_out)
 
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None, quant: torch.dtype | None = None):
