@@ -45,16 +45,13 @@ from multiprocessing.process import BaseProcess
 
 import uvicorn
 
+# Only light modules here: the children are spawned before this process imports torch, fastapi or
+# transformers (check_model and _serve import them), so their own imports start seconds earlier.
 from radixserve.args import ServerArgs
-from radixserve.distributed.bootstrap import RankSpec, check_layout, describe, plan_ranks
-from radixserve.engine.model_runner import context_length
-from radixserve.server.api import create_app
+from radixserve.distributed.layout import RankSpec, check_layout, describe, plan_ranks
 from radixserve.server.detokenizer import run_detokenizer
 from radixserve.server.messages import Addresses
 from radixserve.server.procs import setup_logging
-from radixserve.server.scheduler_process import run_scheduler
-from radixserve.server.tokenizer_manager import TokenizerManager
-from radixserve.weights.loader import check_tokenizer, load_config, resolve_hub_model
 
 logger = logging.getLogger("radixserve.server")
 TIMEOUT_GRACEFUL_S = 2
@@ -115,9 +112,17 @@ def launch_server(args: ServerArgs) -> None:
     sys.exit(code)
 
 
+def run_scheduler(*args) -> None:
+    """The scheduler child's entry point: scheduler_process (torch, the engine) is imported in the child."""
+    from radixserve.server.scheduler_process import run_scheduler as run
+    run(*args)
+
+
 def check_model(args: ServerArgs) -> None:
     """The model exists, its architecture is supported, its tokenizer is there, --context-length fits it
     and, with TP/DP, it fits the rank layout (heads, GPUs): seconds, not after a load."""
+    from radixserve.engine.model_runner import context_length
+    from radixserve.weights.loader import check_tokenizer, load_config, resolve_hub_model
     src = resolve_hub_model(args)  # a hub id becomes its local snapshot here, once
     cfg = load_config(src)
     check_tokenizer(src, args.tokenizer_path)
@@ -195,6 +200,8 @@ def stop_children(procs: dict[str, BaseProcess]) -> None:
 
 async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProcess],
                  sock: socket.socket) -> int:
+    from radixserve.server.api import create_app
+    from radixserve.server.tokenizer_manager import TokenizerManager
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failures: list[str] = []
