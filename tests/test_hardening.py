@@ -11,21 +11,61 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import Server, launch_server, start_server
+from conftest import Server, launch_server, prestart, take_server, wait_healthy
 from test_server import connect, get_json, open_stream, request, sse_events
 
 API_VOCAB = 49152  # the bundled SmolLM2's vocabulary
+SRV = ("--enable-metrics", "--max-total-tokens", "8192")
+KV_SIZED = ("--max-total-tokens", "0", "--context-length", "512")
+SIGTERM = ("--shutdown-grace-period", "12", "--max-total-tokens", "8192")
+TOO_LONG = ("--context-length", "1000000")
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory) -> dict[str, str]:
+    """Model directories whose start-up must fail: an unsupported architecture, a Llama without tokenizer."""
+    gpt2, untokenized = tmp_path_factory.mktemp("gpt2"), tmp_path_factory.mktemp("no-tokenizer")
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                                                  "n_embd": 64, "n_layer": 2, "n_head": 2}))
+    (untokenized / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 128, "max_position_embeddings": 256}))
+    return {"gpt2": str(gpt2), "no_tokenizer": str(untokenized)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def all_servers_loading(bad_models: dict[str, str]) -> None:
+    """Every server this file starts, started at once (start-up is mostly one core of ~14 s each); each test
+    takes its own. All are up (or, for the start-up errors, gone) before the first test: nothing loads while
+    a test measures /health."""
+    good = [("srv", SRV), ("kv", KV_SIZED), ("sigterm", SIGTERM), ("sigterm", SIGTERM)]
+    bad = [("--model", bad_models["gpt2"]), ("--model", bad_models["no_tokenizer"]), TOO_LONG]
+    for _, flags in good:
+        prestart(*flags)
+    for flags in bad:
+        prestart(*flags)
+    import conftest
+    pending = [s for flags in {f for _, f in good} for s in conftest._PRESTARTED[flags]]
+    failing = [s for flags in bad for s in conftest._PRESTARTED[flags]]
+    for s in pending:
+        wait_healthy(s)
+    for s in failing:  # their exit code is the tests' to check; here only: not still loading
+        try:
+            s.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 @pytest.fixture(scope="module")
 def srv():
-    with launch_server("--enable-metrics", "--max-total-tokens", "8192") as s:
+    with launch_server(*SRV) as s:
         yield s
 
 
@@ -196,7 +236,7 @@ def test_openapi_documents_400_and_text_flush(srv) -> None:
 def test_cpu_kv_pool_sized_from_the_model(srv) -> None:
     """Without --max-total-tokens the CPU pool holds 8 whole contexts, capped at 5 % of RAM, and the log
     says which bound applied. Checked on the formula's inputs: the model's context and KV bytes per token."""
-    with launch_server("--max-total-tokens", "0", "--context-length", "512") as s:
+    with launch_server(*KV_SIZED) as s:
         info = get_json(s.base_url, "/get_server_info")
         log = s.log()
     assert info["max_total_num_tokens"] == 8 * 512
@@ -204,29 +244,24 @@ def test_cpu_kv_pool_sized_from_the_model(srv) -> None:
 
 
 def exits_with(flags: list[str], timeout: float = 120) -> str:
-    s = start_server(*flags)
+    s = take_server(*flags)
     assert s.proc.wait(timeout) == 1
     return s.log()
 
 
-def test_unsupported_architecture_lists_supported(tmp_path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-                                                      "n_embd": 64, "n_layer": 2, "n_head": 2}))
-    log = exits_with(["--model", str(tmp_path)])
+def test_unsupported_architecture_lists_supported(bad_models) -> None:
+    log = exits_with(["--model", bad_models["gpt2"]])
     assert "architecture GPT2LMHeadModel is not supported" in log and "LlamaForCausalLM" in log
     assert "Traceback" not in log
 
 
-def test_missing_tokenizer_names_the_flag(tmp_path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 2, "vocab_size": 128, "max_position_embeddings": 256}))
-    log = exits_with(["--model", str(tmp_path)])
+def test_missing_tokenizer_names_the_flag(bad_models) -> None:
+    log = exits_with(["--model", bad_models["no_tokenizer"]])
     assert "--tokenizer-path" in log and "no tokenizer files" in log and "Traceback" not in log
 
 
 def test_context_length_above_model_maximum_is_refused() -> None:
-    log = exits_with(["--context-length", "1000000"])
+    log = exits_with(list(TOO_LONG))
     assert "--context-length 1000000 is above the model's maximum" in log
     assert "--allow-overwrite-longer-context-len" in log and "Traceback" not in log
 
@@ -288,8 +323,8 @@ def read_stream(conn, path: str, body: dict, started: threading.Event | None = N
 
 @pytest.fixture(scope="module")
 def sigterm_servers() -> Iterator[list[Server]]:
-    """One server per round of the test below, both loading at once; each round waits for its own."""
-    servers = [start_server("--shutdown-grace-period", "12", "--max-total-tokens", "8192") for _ in range(2)]
+    """One server per round of the test below (started with the file's others); each round waits for its own."""
+    servers = [take_server(*SIGTERM) for _ in range(2)]
     try:
         yield servers
     finally:
@@ -307,7 +342,7 @@ def test_sigterm_drains_then_ends_the_rest(round_: int, sigterm_servers: list[Se
     Run twice: the failure was intermittent."""
     import signal as sig
 
-    from conftest import descendants, wait_healthy
+    from conftest import descendants
     s = sigterm_servers[round_ - 1]
     try:
         wait_healthy(s)
