@@ -167,9 +167,19 @@ def launch_server(*flags: str) -> Iterator[Server]:
             assert code == 0, f"server exited with {code} on SIGTERM:\n{server.log()[-3000:]}"
 
 
+_SESSION_SERVER: list[Server] = []
+
+
+def prestart_session_server() -> None:
+    """Let the session server below load now (beside a file's own), unless it runs or loads already."""
+    if not _SESSION_SERVER and not _PRESTARTED.get(()):
+        prestart()
+
+
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
     with launch_server() as s:
+        _SESSION_SERVER.append(s)
         yield s
 
 

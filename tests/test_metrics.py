@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
-from conftest import Server, launch_server
+from conftest import Server, launch_server, prestart_session_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from radixserve.scheduler.stats import SchedulerStats
@@ -27,6 +27,7 @@ HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e
 
 @pytest.fixture(scope="module")
 def metrics_server() -> Iterator[Server]:
+    prestart_session_server()  # the plain one test_metrics_absent_without_flag needs loads beside this one
     with launch_server("--enable-metrics", "--enable-cache-report", "--decode-log-interval", "4") as s:
         yield s
 
