@@ -1,7 +1,8 @@
 """Shared fixtures: a real radixserve server (the bundled model) on a free loopback port.
 
 `launch_server(*flags)` is a context manager any test module can use for its own configuration; the
-session-scoped `server` fixture starts one default server for every test file that needs one. Stopping
+session-scoped `server` fixture starts one server (default flags plus --enable-metrics, which changes no
+answer) for every test file that needs one. Stopping
 a server checks the shutdown contract too: SIGTERM ends it with code 0 and leaves no child behind.
 
 `hf_gguf_model` is HF transformers' float32 model of the bundled GGUF, loaded once per session (the GGUF
@@ -167,18 +168,19 @@ def launch_server(*flags: str) -> Iterator[Server]:
             assert code == 0, f"server exited with {code} on SIGTERM:\n{server.log()[-3000:]}"
 
 
+SESSION_FLAGS = ("--enable-metrics",)
 _SESSION_SERVER: list[Server] = []
 
 
 def prestart_session_server() -> None:
     """Let the session server below load now (beside a file's own), unless it runs or loads already."""
-    if not _SESSION_SERVER and not _PRESTARTED.get(()):
-        prestart()
+    if not _SESSION_SERVER and not _PRESTARTED.get(SESSION_FLAGS):
+        prestart(*SESSION_FLAGS)
 
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
-    with launch_server() as s:
+    with launch_server(*SESSION_FLAGS) as s:
         _SESSION_SERVER.append(s)
         yield s
 

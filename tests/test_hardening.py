@@ -18,11 +18,10 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import Server, launch_server, prestart, take_server, wait_healthy
+from conftest import SESSION_FLAGS, Server, launch_server, prestart, prestart_session_server, take_server, wait_healthy
 from test_server import connect, get_json, open_stream, request, sse_events
 
 API_VOCAB = 49152  # the bundled SmolLM2's vocabulary
-SRV = ("--enable-metrics", "--max-total-tokens", "8192")
 KV_SIZED = ("--max-total-tokens", "0", "--context-length", "512")
 SIGTERM = ("--shutdown-grace-period", "12", "--max-total-tokens", "8192")
 TOO_LONG = ("--context-length", "1000000")
@@ -42,17 +41,15 @@ def bad_models(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def all_servers_loading(bad_models: dict[str, str]) -> None:
-    """Every server this file starts, started at once (start-up is mostly one core of ~14 s each); each test
-    takes its own. All are up (or, for the start-up errors, gone) before the first test: nothing loads while
-    a test measures /health."""
-    good = [("srv", SRV), ("kv", KV_SIZED), ("sigterm", SIGTERM), ("sigterm", SIGTERM)]
+    """Every server this file uses, started at once; each test takes its own. All are up (or, for the start-up
+    errors, gone) before the first test: nothing loads while a test measures /health."""
+    good = [KV_SIZED, SIGTERM, SIGTERM]
     bad = [("--model", bad_models["gpt2"]), ("--model", bad_models["no_tokenizer"]), TOO_LONG]
-    for _, flags in good:
-        prestart(*flags)
-    for flags in bad:
+    prestart_session_server()  # `srv`
+    for flags in good + bad:
         prestart(*flags)
     import conftest
-    pending = [s for flags in {f for _, f in good} for s in conftest._PRESTARTED[flags]]
+    pending = [s for flags in {*good, SESSION_FLAGS} for s in conftest._PRESTARTED.get(flags, [])]
     failing = [s for flags in bad for s in conftest._PRESTARTED[flags]]
     for s in pending:
         wait_healthy(s)
@@ -64,9 +61,10 @@ def all_servers_loading(bad_models: dict[str, str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def srv():
-    with launch_server(*SRV) as s:
-        yield s
+def srv(all_servers_loading, request) -> Server:
+    """conftest's session server (--enable-metrics, so /metrics is in the schema checked below); asked for
+    here, after the fixture above, so that it is the one loading beside the others."""
+    return request.getfixturevalue("server")
 
 
 def error_of(status: int, data: bytes) -> dict:

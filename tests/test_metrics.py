@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import logging
 import re
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 
 import openai
 import pytest
-from conftest import Server, launch_server, prestart_session_server
+from conftest import Server, launch_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from radixserve.scheduler.stats import SchedulerStats
@@ -27,7 +26,6 @@ HISTOGRAMS = ["time_to_first_token_seconds", "inter_token_latency_seconds", "e2e
 
 @pytest.fixture(scope="module")
 def metrics_server() -> Iterator[Server]:
-    prestart_session_server()  # the plain one test_metrics_absent_without_flag needs loads beside this one
     with launch_server("--enable-metrics", "--enable-cache-report", "--decode-log-interval", "4") as s:
         yield s
 
@@ -97,12 +95,6 @@ def test_metrics_match_usage(metrics_server: Server) -> None:
     hit, queried, rate = reports[-1]
     assert 0 < int(hit) <= sum(cached) and int(queried) <= prompt
     assert float(rate) == round(int(hit) / int(queried), 2)
-
-
-def test_metrics_absent_without_flag(server: Server) -> None:
-    with pytest.raises(urllib.error.HTTPError) as e:
-        urllib.request.urlopen(server.base_url + "/metrics", timeout=30)
-    assert e.value.code == 404
 
 
 def test_cache_report_line(caplog: pytest.LogCaptureFixture) -> None:

@@ -40,7 +40,7 @@ CITY_FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "schema": 
                                                       "strict": True}}
 
 
-# `server`: conftest's session server (default flags), shared with the other files that need a plain one
+# `server`: conftest's session server (default flags + --enable-metrics), shared with the other files that need one
 @pytest.fixture(scope="module")
 def client(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", timeout=900)

@@ -10,6 +10,8 @@ import signal
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
@@ -463,6 +465,13 @@ def test_api_key(extra_servers: dict[str, Server]) -> None:
     r = ok.chat.completions.create(model=name, messages=MSG, max_tokens=2, temperature=0)
     assert r.choices[0].message.content is not None
     assert request(url, "GET", "/get_server_info", headers=auth)[0] == 200
+
+
+def test_metrics_absent_without_flag(extra_servers: dict[str, Server]) -> None:
+    """(The session server runs with --enable-metrics; "victim" has the default flags.)"""
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(extra_servers["victim"].base_url + "/metrics", timeout=30)
+    assert e.value.code == 404
 
 
 def test_sigint_stops_every_child(extra_servers: dict[str, Server]) -> None:
