@@ -60,10 +60,6 @@ class QuantizedActivation(NamedTuple):
     scale: torch.Tensor
     dtype: torch.dtype
 
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
 
 class LinearMethod(ABC):
     """How one linear layer stores and applies its weight. Stateless across layers: per-layer state

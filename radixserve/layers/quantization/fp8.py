@@ -71,14 +71,9 @@ class Fp8LinearMethod(LinearMethod):
     def input_quant(self, layer: LinearBase, num_tokens: int) -> torch.dtype | None:
         """FP8 when apply takes the W8A8 branch with per-token scales: the norm / SiLU kernel before it then
         writes q and scale directly (bitwise the same values; one pass over the activation fewer)."""
-        w, s = layer.weight, layer.weight_scale
-        if w.dtype != FP8 or s.shape[1] != 1 or getattr(layer, "input_scale", None) is not None \
-                or num_tokens < w8a8_min_tokens(*w.shape):
+        if layer.weight.dtype != FP8 or getattr(layer, "input_scale", None) is not None:
             return None
-        if w.is_cuda and (layer.params_dtype not in (torch.bfloat16, torch.float16) or w.shape[0] % 16
-                          or w.shape[1] % 16):
-            return None
-        return FP8
+        return FP8 if _uses_w8a8(layer.weight, layer.weight_scale, num_tokens, layer.params_dtype) else None
 
     def apply(self, layer: LinearBase, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None
               ) -> torch.Tensor:
@@ -88,10 +83,9 @@ class Fp8LinearMethod(LinearMethod):
         x2 = x.reshape(-1, shape[-1])
         w, s = layer.weight, layer.weight_scale
         input_scale = getattr(layer, "input_scale", None)
-        use_w8a8 = s.shape[1] == 1 and x2.shape[0] >= w8a8_min_tokens(*w.shape)
+        use_w8a8 = _uses_w8a8(w, s, x2.shape[0], x.dtype)
         if x.is_cuda:
-            if use_w8a8 and x.dtype in (torch.bfloat16, torch.float16) and not w.shape[0] % 16 \
-                    and not w.shape[1] % 16:
+            if use_w8a8:
                 y = _scaled_mm_w8a8(x2, w, s, input_scale, bias)
             else:
                 y = torch.ops.radixserve.w8a16_linear(x2.contiguous(), w, s, bias)
@@ -103,6 +97,15 @@ class Fp8LinearMethod(LinearMethod):
         else:
             y = F.linear(x2, K.dequantize(w, s, x.dtype), bias)
         return y.reshape(*shape[:-1], -1)
+
+
+def _uses_w8a8(w: torch.Tensor, s: torch.Tensor, num_tokens: int, act_dtype: torch.dtype) -> bool:
+    """The W8A8 branch of apply (and so of input_quant): per-row scales and enough tokens; on CUDA also a
+    16-bit activation and both dims multiples of 16 (_scaled_mm's constraints)."""
+    if s.shape[1] != 1 or num_tokens < w8a8_min_tokens(*w.shape):
+        return False
+    return not w.is_cuda or (act_dtype in (torch.bfloat16, torch.float16) and not w.shape[0] % 16
+                             and not w.shape[1] % 16)
 
 
 def _apply_quantized(w: torch.Tensor, s: torch.Tensor, x: QuantizedActivation, bias: torch.Tensor | None
