@@ -4,7 +4,13 @@ holds none of them and launch gaps are gone; time per product -> bytes per secon
 bandwidth measured in the same process, next to what the kernel's autotuner picks ("autotuned"). What
 kernels.fp8's GEMV candidate list follows.
 
+`--chain` runs each GEMV behind an RMSNorm over its input row, as in a decode step, with programmatic
+dependent launch on (sm_90+): the RMSNorm lets the GEMV become resident and prefetch its weight rows
+while it runs. The time is then per (RMSNorm + GEMV) pair, and the best tile per shape is what
+kernels.fp8.GEMV_TABLE holds; candidates also vary how much of each row is prefetched (PREFETCH_K).
+
     python benchmarks/fp8_gemv_sweep.py --output benchmarks/results/fp8_gemv_sweep_h200.json
+    python benchmarks/fp8_gemv_sweep.py --chain --output benchmarks/results/fp8_gemv_chain_sweep_h200.json
 """
 from __future__ import annotations
 
@@ -19,12 +25,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from radixserve.bench.roofline import limits, record  # noqa: E402
 from radixserve.kernels import fp8 as F8  # noqa: E402
+from radixserve.kernels import fused, pdl  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
           "lm_head": (128256, 4096)}
 
 
-def candidates() -> list[dict]:
+def candidates(chain: bool) -> list[dict]:
+    """Without --chain the full tile grid; with it the tiles that led the plain sweep
+    (fp8_gemv_sweep_h200.json) times three prefetch depths (each new combination is a Triton compile)."""
+    if chain:
+        return [{"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": 4, "num_stages": stages, "PREFETCH_K": prefetch,
+                 "gemv": True}
+                for (bn, bk), stages, prefetch in itertools.product(
+                    [(4, 1024), (8, 512), (8, 1024), (16, 256), (16, 512), (32, 256)], [2, 3, 4], [1024, 2048, 4096])]
     out = []
     for bn, bk, warps, stages in itertools.product([4, 8, 16, 32], [256, 512, 1024], [4, 8], [2, 3, 4]):
         if bn * bk // (32 * warps) > 128:  # accumulator registers a thread: spills beyond
@@ -59,8 +73,10 @@ def main() -> None:
     p.add_argument("--output", default=None)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--chain", action="store_true", help="each GEMV behind an RMSNorm that PDL-triggers it")
     a = p.parse_args()
     lim = limits("cuda")
+    pdl_on = pdl.configure(a.chain, torch.device("cuda"))
     bw = lim["copy_bandwidth_GBps"] * 1e9
     rows, best = [], {}
     for name in a.shapes.split(","):
@@ -70,13 +86,21 @@ def main() -> None:
         ws = [q] + [q.clone() for _ in range(layers - 1)]
         for m in [1]:
             x = torch.randn(m, k, device="cuda").to(torch.bfloat16)
-            ref = torch.nn.functional.linear(x, F8.dequantize(q, s, torch.bfloat16))
+            norm_w = torch.ones(k, device="cuda", dtype=torch.bfloat16)
+            ref = torch.nn.functional.linear(fused.rmsnorm(x, norm_w, 1e-6) if a.chain else x,
+                                             F8.dequantize(q, s, torch.bfloat16))
             results = []
-            for c in candidates() + [None]:  # None: the autotuner's choice (tuned in graph_time's warm-up)
+
+            def step(c, ws=ws, s=s, x=x, norm_w=norm_w):
+                if not a.chain:
+                    return [F8.w8a16_gemm(x, w, s, config=c) for w in ws]
+                return [F8.w8a16_gemm(fused.rmsnorm(x, norm_w, 1e-6), w, s, config=c) for w in ws]
+
+            for c in candidates(a.chain) + [None]:  # None: the autotuner's choice (tuned in graph_time's warm-up)
                 try:
-                    out = F8.w8a16_gemm(x, q, s, config=c)
+                    out = step(c)[0]
                     assert (out.float() - ref.float()).norm() / ref.float().norm() < 2e-2
-                    t = graph_time(lambda c=c, x=x, s=s, ws=ws: [F8.w8a16_gemm(x, w, s, config=c) for w in ws]) / layers
+                    t = graph_time(lambda c=c: step(c)) / layers
                 except Exception as e:  # noqa: BLE001 (a config that does not compile is skipped, and said so)
                     print(f"{name} M={m} {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
                     continue
@@ -93,7 +117,10 @@ def main() -> None:
                   f"{shipped['fraction_of_copy'] if shipped else float('nan'):.1%}", flush=True)
         ws = q = s = None
         torch.cuda.empty_cache()
-    record(a.output, {"limits": lim, "best": best, "rows": rows}, "cuda")
+    record(a.output, {"limits": lim, "chain": a.chain, "pdl": pdl_on, "best": best, "rows": rows,
+                      "table": {f"{r['best']['N']}x{r['best']['K']}": {k2: v for k2, v in r["best"]["config"].items()
+                                                                     if k2 != "gemv"} for r in best.values()}},
+           "cuda")
 
 
 if __name__ == "__main__":

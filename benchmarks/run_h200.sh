@@ -32,6 +32,9 @@
 #   diag        kernel tables: fp8 batch-1 decode; bf16 and fp8+fp8-KV decode at batch 256 (offline's shape);
 #               fp8 and bf16 prefill of 8 x 2048 (each table also in OUTDIR/diag_*.json)
 #   hicache     the multi-turn workload with and without HiCache, combined context 4.56x the device pool (issue 13)
+#   hicache8k   the same with 8,192-token first contexts and a 24,576-token device pool (4.3x)
+#   gemvchain   the GEMV tile sweep with each GEMV behind a PDL-triggering RMSNorm, as in a decode step
+#               (what kernels.fp8.GEMV_TABLE holds)
 # Every JSON lands in OUTDIR with device, commit and command inside.
 set -uo pipefail
 OUT=${1:?usage: run_h200.sh OUTDIR STAGES}
@@ -55,6 +58,7 @@ has kerneltest && run 200 python -m pytest -q -rf tests/gpu/test_kernels.py
 has attnsweep && run 420 python benchmarks/decode_attn_sweep.py --output "$OUT/decode_attn_sweep_h200.json"
 has attnsweep2 && run 200 python benchmarks/decode_attn_sweep.py --large-batch \
   --output "$OUT/decode_attn_sweep_large_batch_h200.json"
+has gemvchain && run 400 python benchmarks/fp8_gemv_sweep.py --chain --output "$OUT/fp8_gemv_chain_sweep_h200.json"
 has gemvsweep && run 300 python benchmarks/fp8_gemv_sweep.py --output "$OUT/fp8_gemv_sweep_h200.json"
 has fp8graph && run 200 python benchmarks/fp8_gemm_graph_bench.py --output "$OUT/fp8_gemm_graph_h200.json"
 has fp8gemm && run 100 python benchmarks/fp8_gemm_bench.py --output "$OUT/fp8_gemm_h200_gemv.json"
@@ -98,6 +102,10 @@ has conservmixed && run 240 python -m radixserve.bench.conservativeness $M8 $TOK
 has hicache && run 150 python -m radixserve.bench.offline $M8 $TOK --workload multi-turn --enable-hierarchical-cache \
   --hicache-ratio 5 --max-total-tokens 12288 --cuda-graph-max-bs 16 --num-prompts 12 --num-turns 4 \
   --random-input-len 4096 --turn-input-len 128 --random-output-len 16 --output "$OUT/hicache_multi_turn_llama8b_h200.json"
+has hicache8k && run 200 python -m radixserve.bench.offline $M8 $TOK --workload multi-turn --enable-hierarchical-cache \
+  --hicache-ratio 5 --max-total-tokens 24576 --cuda-graph-max-bs 16 --num-prompts 12 --num-turns 4 \
+  --random-input-len 8192 --turn-input-len 128 --random-output-len 16 \
+  --output "$OUT/hicache_multi_turn_8k_llama8b_h200.json"
 if has diag; then
   GI="python -m radixserve.bench.gpu_idle $M8 --kernel-table 25"
   diag() { local name=$1; shift; echo "=== diag $name"; timeout 150 $GI "$@" --output "$OUT/diag_$name.json" 2>&1 \

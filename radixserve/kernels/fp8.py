@@ -296,27 +296,40 @@ __all__ = ["FP8_DTYPES", "HAS_TRITON", "dequantize", "expand_group_scale", "fp8_
            "quantize_rows", "to_fp8", "w8a16_config", "w8a16_gemm", "w8a16_ref", "w8a8_quantized_ref", "w8a8_ref"]
 
 
+#: M = 1 GEMV tiles measured best per (N, K) inside CUDA graphs on the H200, each GEMV behind a small kernel
+#: that triggers it as a programmatic dependent, as in a decode step (`benchmarks/fp8_gemv_sweep.py --chain`,
+#: fp8_gemv_chain_sweep_h200.json). The eager autotuner ranks tiles by a single launch with a cold L2 and
+#: picked a tile 19 % slower for down_proj (K = 14336) than the best one in the graph; shapes not in the table
+#: (other models, TP shards) still autotune.
+GEMV_TABLE: dict[tuple[int, int], dict] = {}
+
+
 def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
                 group: int, config: dict | None) -> torch.Tensor:
-    """The decode-sized product (M <= GEMV_MAX_M): autotuned on CUDA, `config` (BLOCK_N, BLOCK_K,
-    num_warps, num_stages) elsewhere (the interpreter tests)."""
+    """The decode-sized product (M <= GEMV_MAX_M): on CUDA the GEMV_TABLE tile for the shape, else
+    autotuned; `config` (BLOCK_N, BLOCK_K, num_warps, num_stages, optional PREFETCH_K) overrides both (the
+    sweeps, and the interpreter tests on the CPU)."""
     M, K = x.shape
     N, G = w.shape[0], scale.shape[1]
     common = dict(GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None)
     args = (x, w, scale, bias if bias is not None else scale, y, M, N, K, x.stride(0), w.stride(0), scale.stride(0),
             y.stride(0))
     if config is None and x.is_cuda:
-        # EVEN_K must hold for every candidate BLOCK_K: the largest is 1024
-        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
-        _w8a16_gemv_tuned[grid](*args, **common, EVEN_K=K % 1024 == 0, PDL=pdl.ENABLED, **pdl.launch_kwargs())
-        return y
-    cfg = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, **(config or {})}
+        config = GEMV_TABLE.get((N, K)) if G == 1 else None
+        if config is None:
+            # EVEN_K must hold for every candidate BLOCK_K: the largest is 1024
+            grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * M,)  # noqa: E731
+            _w8a16_gemv_tuned[grid](*args, **common, EVEN_K=K % 1024 == 0, PDL=pdl.ENABLED, **pdl.launch_kwargs())
+            return y
+    cfg = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3, "PREFETCH_K": 2048, **(config or {})}
     cfg.pop("gemv", None)
     if G > 1 and group % cfg["BLOCK_K"] and group & (group - 1) == 0 and group >= 16:
         cfg["BLOCK_K"] = group  # a power-of-two group (128): tiles within one group
+    launch = dict(PDL=pdl.ENABLED, **pdl.launch_kwargs()) if x.is_cuda else {}
     grid = (triton.cdiv(N, cfg["BLOCK_N"]) * M,)
     _w8a16_gemv_kernel[grid](*args, **common, EVEN_K=K % cfg["BLOCK_K"] == 0, BLOCK_N=cfg["BLOCK_N"],
-                             BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                             BLOCK_K=cfg["BLOCK_K"], PREFETCH_K=cfg["PREFETCH_K"], num_warps=cfg["num_warps"],
+                             num_stages=cfg["num_stages"], **launch)
     return y
 
 
