@@ -3,6 +3,7 @@ into a ForwardBatch and returns last-position logits (and, for an extend step wh
 prompt logprobs, the log_softmax at their prompt positions: engine/prompt_logprobs.py)."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -64,6 +65,17 @@ def context_length(args: ServerArgs, cfg: ModelConfig) -> int:
     return args.context_length
 
 
+def release_freed_heap() -> None:
+    """Give the heap freed while loading back to the OS (glibc's malloc_trim). On the CPU a GGUF load
+    dequantizes each tensor to float32 before packing it, and glibc keeps those freed pages: the bundled
+    model's scheduler process held ~130 MB more resident memory without this (1,091 -> 963 MB measured
+    after load). Elsewhere (musl, macOS) nothing happens."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class ModelRunner:
     def __init__(self, args: ServerArgs, src: ModelSource, tp: TPGroup = TPGroup(),
                  model_config: ModelConfig | None = None) -> None:
@@ -93,6 +105,8 @@ class ModelRunner:
         self.model.eval()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # weights quantized at load leave their 16-bit copies in the cache
+        else:
+            release_freed_heap()
         self.weight_bytes = model_weight_bytes(self.model)
         logger.info("Loaded %s (%s, %.2f GB; linear layers: %s) in %.1f s", src.name, self.cfg.architecture,
                     self.weight_bytes / GB, self.cfg.quant.describe() if self.cfg.quant else "unquantized",
