@@ -35,6 +35,7 @@
 #   hicache8k   the same with 8,192-token first contexts and a 24,576-token device pool (4.3x)
 #   gemvchain   the GEMV tile sweep with each GEMV behind a PDL-triggering RMSNorm, as in a decode step
 #               (what kernels.fp8.GEMV_TABLE holds)
+#   gemvfused   separate RMSNorm / SiLU kernel + GEMV vs the GEMV with that kernel as its prologue, per shape
 # Every JSON lands in OUTDIR with device, commit and command inside.
 set -uo pipefail
 OUT=${1:?usage: run_h200.sh OUTDIR STAGES}
@@ -51,6 +52,7 @@ run() {
   echo "--- ${*:1:3}... took $((SECONDS - t0)) s"
 }
 has fp8test && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_hicache_gpu.py
+has prologuetest && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py -k "prologue or pdl or w8a16"
 has fp8quick && run 120 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py -k "attention or dot_dtypes or fused or scaled_mm"
 has fp8acc && run 200 python -m radixserve.bench.quant_accuracy $M8 --num-prompts 4 --output-len 16 --max-total-tokens 4096 \
   --disable-cuda-graph --output "$OUT/fp8_h200_accuracy_llama8b_dummy_gpu.json"
@@ -59,6 +61,7 @@ has attnsweep && run 420 python benchmarks/decode_attn_sweep.py --output "$OUT/d
 has attnsweep2 && run 200 python benchmarks/decode_attn_sweep.py --large-batch \
   --output "$OUT/decode_attn_sweep_large_batch_h200.json"
 has gemvchain && run 400 python benchmarks/fp8_gemv_sweep.py --chain --output "$OUT/fp8_gemv_chain_sweep_h200.json"
+has gemvfused && run 200 python benchmarks/fp8_gemv_sweep.py --fused --output "$OUT/fp8_gemv_prologue_h200.json"
 has gemvsweep && run 300 python benchmarks/fp8_gemv_sweep.py --output "$OUT/fp8_gemv_sweep_h200.json"
 has fp8graph && run 200 python benchmarks/fp8_gemm_graph_bench.py --output "$OUT/fp8_gemm_graph_h200.json"
 has fp8gemm && run 100 python benchmarks/fp8_gemm_bench.py --output "$OUT/fp8_gemm_h200_gemv.json"

@@ -56,13 +56,18 @@ def main() -> None:
     _patch_fp8_casts()
     import torch
     from test_fp8_kernels import (check_fp8_attention, check_fp8_rotary_store, check_fused_quantize,
-                                  check_quantize_rows, check_w8a16)
+                                  check_gemv_prologue, check_quantize_rows, check_w8a16)
     t0 = time.time()
     for m, n, k, group, dt in [(1, 48, 320, False, torch.float32), (5, 200, 300, True, torch.float32),
                                (3, 64, 256, False, torch.bfloat16), (20, 40, 160, True, torch.bfloat16),
                                (4, 40, 300, True, torch.float32), (2, 24, 1100, False, torch.float32)]:
         err = check_w8a16("cpu", m, n, k, group, dt)
         print(f"ok  w8a16 {m}x{n}x{k} group={group} {dt}  (rel err {err:.2e})", flush=True)
+    for n, k, dt, res, cfg in [(40, 300, torch.float32, True, {"BLOCK_N": 16, "BLOCK_K": 128}),
+                               (24, 512, torch.bfloat16, False, {"BLOCK_N": 8, "BLOCK_K": 256}),
+                               (24, 512, torch.bfloat16, True, {"BLOCK_N": 8, "BLOCK_K": 256})]:
+        err = check_gemv_prologue("cpu", n, k, dt, res, config=cfg)
+        print(f"ok  gemv rmsnorm / silu prologue {n}x{k} {dt} residual={res}  (rel err {err:.2e})", flush=True)
     for m, k, dt in [(3, 300, torch.float32), (2, 64, torch.bfloat16)]:
         check_quantize_rows("cpu", m, k, dt)
         print(f"ok  quantize_rows_fused {m}x{k} {dt}", flush=True)
