@@ -2,6 +2,7 @@
 # Stage-selected H200 runs of this wave's open figures, one device call each (repo root on the GPU host):
 #   bash benchmarks/run_h200.sh OUTDIR STAGES
 # STAGES (comma list, run in this order):
+#   prologuetest  the GEMV (plain, PDL in a graph, RMSNorm / SiLU prologues) GPU tests only
 #   fp8test     the FP8 kernel tests (GEMV at M <= 4, tensor-core tile, W8A8, FP8 KV, the GEMV under PDL in a
 #               CUDA graph) and HiCache's layer-by-layer load against a device-resident prefix
 #   attnsweep   decode attention's launch sweep, bf16 and FP8 pools (what kernels.attention.decode_config follows)
@@ -46,10 +47,11 @@ M8="--model llama-3.1-8b --load-format dummy"
 TOK="--tokenizer-path .gpu/tokenizer"
 OB="python -m radixserve.bench.one_batch"
 has() { [[ $STAGES == *",$1,"* ]]; }
-run() {
-  local t=$1; shift; echo "=== $* (limit ${t}s)"; local t0=$SECONDS
-  timeout "$t" "$@" 2>&1 | grep -v "it/s\]\|tensor/s\]" | grep -v "^\[.*\] \(Decode\|Prefill\) batch" | tail -n 30
-  echo "--- ${*:1:3}... took $((SECONDS - t0)) s"
+run() {  # the last 30 lines to the console, the whole filtered output appended to OUTDIR/run_log.txt
+  local t=$1; shift; echo "=== $* (limit ${t}s)" | tee -a "$OUT/run_log.txt"; local t0=$SECONDS
+  timeout "$t" "$@" 2>&1 | grep -v "it/s\]\|tensor/s\]" | grep -v "^\[.*\] \(Decode\|Prefill\) batch" \
+    | tee -a "$OUT/run_log.txt" | tail -n 30
+  echo "--- ${*:1:3}... took $((SECONDS - t0)) s" | tee -a "$OUT/run_log.txt"
 }
 has fp8test && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_hicache_gpu.py
 has prologuetest && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py -k "prologue or pdl or w8a16"
