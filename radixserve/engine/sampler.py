@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from radixserve.core import Req
+from radixserve.kernels.argmax import argmax_rows
 from radixserve.transfer import to_device
 
 
@@ -152,7 +153,7 @@ class Sampler:
         if self._last_batch_bias:
             logits = apply_logit_bias(logits, reqs)
         if argmax:  # what the general path below computes for such a batch
-            return SampleOutput(logits.float().argmax(dim=-1), None, None)
+            return SampleOutput(argmax_rows(logits), None, None)
         ps, dev, logits = [r.sampling_params for r in reqs], logits.device, logits.float()
         penalised = apply_penalties(logits, reqs)
         # Greedy is an argmax for every row (cheap); only sampled rows go through softmax, filters and

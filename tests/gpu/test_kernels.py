@@ -287,3 +287,19 @@ def test_rotary(dtype, T, H, KVH, D):
     torch.testing.assert_close(q_out, ref_q, atol=tol, rtol=tol)
     torch.testing.assert_close(q, q_before, atol=0, rtol=0)
     torch.testing.assert_close(qkv[:, -KVH * D:].view(T, KVH, D), ref_v, atol=0, rtol=0)  # v untouched
+
+
+@pytest.mark.parametrize("B,V", [(1, 128256), (5, 151936), (3, 4096), (2, 1000), (64, 49152)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_argmax_rows(B, V, dtype):
+    """kernels.argmax against torch.argmax, with the maximum planted twice per row (first index wins) and in
+    the last, partial block of the row."""
+    from radixserve.kernels.argmax import argmax_rows
+    g = torch.Generator(device="cuda").manual_seed(V)
+    x = torch.randn(B, V, generator=g, device="cuda").to(dtype)
+    for b in range(B):  # the row's maximum (odd rows: a new one) at two places, one in the last block
+        hi, lo = V - 1 - b, (b * 7919) % (V - 1 - b)
+        x[b, lo] = x[b, hi] = x[b].max() + (1 if b % 2 else 0)
+    assert torch.equal(argmax_rows(x), x.float().argmax(dim=-1))
+    y = x[:, : V // 2 + 3]  # a strided view: rows not contiguous in memory
+    assert torch.equal(argmax_rows(y), y.float().argmax(dim=-1))
