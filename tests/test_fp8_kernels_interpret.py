@@ -55,8 +55,14 @@ def main() -> None:
     _patch_interpreter()
     _patch_fp8_casts()
     import torch
-    from test_fp8_kernels import (check_fp8_attention, check_fp8_rotary_store, check_fused_quantize,
-                                  check_gemv_prologue, check_quantize_rows, check_w8a16)
+    from test_fp8_kernels import (
+        check_fp8_attention,
+        check_fp8_rotary_store,
+        check_fused_quantize,
+        check_gemv_prologue,
+        check_quantize_rows,
+        check_w8a16,
+    )
     t0 = time.time()
     for m, n, k, group, dt in [(1, 48, 320, False, torch.float32), (5, 200, 300, True, torch.float32),
                                (3, 64, 256, False, torch.bfloat16), (20, 40, 160, True, torch.bfloat16),
@@ -71,7 +77,8 @@ def main() -> None:
     for m, k, dt in [(3, 300, torch.float32), (2, 64, torch.bfloat16)]:
         check_quantize_rows("cpu", m, k, dt)
         print(f"ok  quantize_rows_fused {m}x{k} {dt}", flush=True)
-    for rows, n, dt, res in [(3, 300, torch.float32, True), (5, 64, torch.bfloat16, False), (2, 256, torch.bfloat16, True)]:
+    for rows, n, dt, res in [(3, 300, torch.float32, True), (5, 64, torch.bfloat16, False),
+                             (2, 256, torch.bfloat16, True)]:
         check_fused_quantize("cpu", rows, n, dt, res)
         print(f"ok  fused rmsnorm / silu quantize {rows}x{n} {dt} residual={res}", flush=True)
     for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):

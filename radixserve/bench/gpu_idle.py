@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.synchronize()
     kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
     busy, span = busy_fraction(kernels)
-    fig = {"model": engine.src.name, "phase": b.get("phase", "decode"), "batch_size": bs, "input_len": b.get("input_len", 256),
+    fig = {"model": engine.src.name, "phase": b.get("phase", "decode"), "batch_size": bs,
+           "input_len": b.get("input_len", 256),
            "steps": steps, "overlap": args.overlap_schedule,
            "cuda_graph": not args.disable_cuda_graph, "gpu_busy_us": busy, "span_us": span,
            "gpu_idle_fraction": 1 - busy / span, "step_ms": span / steps / 1e3,

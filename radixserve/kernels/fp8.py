@@ -348,6 +348,7 @@ def w8a16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torc
 
 __all__ = ["FP8_DTYPES", "HAS_TRITON", "dequantize", "expand_group_scale", "fp8_max", "quantize_blocks",
            "quantize_rows", "to_fp8", "w8a16_config", "w8a16_gemm", "w8a16_gemv_prologue", "w8a16_ref",
+           "configure_prologues", "prologue_pays",
            "w8a8_quantized_ref", "w8a8_ref"]
 
 
@@ -365,6 +366,32 @@ GEMV_TABLE: dict[tuple[int, int], dict] = {
 }
 
 
+#: (N, K, prologue) -> tile for the shapes where a GEMV computing the kernel before it in its loop beat that
+#: kernel + the plain GEMV, both chains with PDL inside CUDA graphs on the H200 (`fp8_gemv_sweep.py --fused`,
+#: fp8_gemv_prologue_h200.json, 5264eaf): qkv after RMSNorm 10.65 vs 11.50 us, down_proj after SiLU-and-mul
+#: 19.95 vs 20.93 us. For gate_up (41.8 vs 35.8 us), o and the LM head the RMSNorm prologue lost: with
+#: 8-row tiles each program re-reads x, the residual and the norm weight for every 8 KB of weight, which
+#: costs more L2 traffic than the separate kernel; they keep it.
+GEMV_PROLOGUE_TABLE: dict[tuple[int, int, str], dict] = {
+    (6144, 4096, "rmsnorm"): GEMV_TABLE[(6144, 4096)],
+    (4096, 14336, "silu"): GEMV_TABLE[(4096, 14336)],
+}
+PROLOGUES_ENABLED = True
+
+
+def configure_prologues(enabled: bool) -> None:
+    """`--disable-gemv-prologue` (the model runner calls this once, from ServerArgs): read when a forward
+    decides, so a captured CUDA graph keeps the choice it was captured with."""
+    global PROLOGUES_ENABLED
+    PROLOGUES_ENABLED = bool(enabled)
+
+
+def prologue_pays(n: int, k: int, kind: str, device: torch.device) -> bool:
+    """Whether a one-token [N, K] product on `device` should take the kernel before it as its prologue (the
+    measured CUDA shapes; on the CPU the separate kernels are the torch ops they would be anyway)."""
+    return PROLOGUES_ENABLED and HAS_TRITON and device.type == "cuda" and (n, k, kind) in GEMV_PROLOGUE_TABLE
+
+
 def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
                 group: int, config: dict | None, extra: dict | None = None) -> torch.Tensor:
     """The decode-sized product (M <= GEMV_MAX_M): on CUDA the GEMV_TABLE tile for the shape, else
@@ -373,7 +400,9 @@ def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
     M = x.shape[0]
     N, K = w.shape
     G = scale.shape[1]
-    common = dict(GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None, **(extra or {}))
+    # each program lets the next programmatic dependent (the next GEMV) launch once its loop is done
+    extra = {"TRIGGER_END": pdl.ENABLED and x.is_cuda, **(extra or {})}
+    common = dict(GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None, **extra)
     args = (x, w, scale, bias if bias is not None else scale, y, M, N, K, x.stride(0), w.stride(0), scale.stride(0),
             y.stride(0))
     if config is None and x.is_cuda:
@@ -397,7 +426,7 @@ def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
 
 def w8a16_gemv_prologue(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
                         prologue: str, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                        eps: float = 0.0, residual_out: torch.Tensor | None = None, trigger_end: bool = False,
+                        eps: float = 0.0, residual_out: torch.Tensor | None = None, trigger_end: bool = True,
                         config: dict | None = None) -> torch.Tensor:
     """The one-token product with the kernel before it folded in (Triton only, x [1, *]):
       prologue "rmsnorm": y = RMSNorm(x + residual) * norm_weight @ dequant(w)^T, and x + residual into
@@ -420,6 +449,8 @@ def w8a16_gemv_prologue(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, b
     else:
         raise ValueError(f"unknown GEMV prologue {prologue!r}")
     extra["TRIGGER_END"] = bool(trigger_end) and pdl.ENABLED and x.is_cuda
+    if config is None and x.is_cuda and G == 1:
+        config = GEMV_PROLOGUE_TABLE.get((N, K, prologue))
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     return _w8a16_gemv(x, w, scale, bias, y, -(-K // G), config, extra)
 
