@@ -14,6 +14,7 @@
 #   fp8graph    bf16 vs W8A16 tile vs W8A8 inside CUDA graphs at 8-128 tokens (where w8a8_min_tokens should be)
 #   fp8gemm     per-shape GEMM timings, bf16 vs W8A16 (GEMV and tile) vs W8A8, LM head included (issue 12)
 #   fp8b1       batch-1 decode, bf16, --quantization fp8, and fp8 --disable-pdl, 8B preset (issue 12's 1.8x target)
+#   prologueab  batch-1 decode: bf16, then fp8 with and without --disable-gemv-prologue alternating twice
 #   bf16nopdl   batch-1 decode, bf16 --disable-pdl (what PDL gives the bf16 path's small kernels)
 #   fp8prefill  prefill 8 x 2048, bf16 then --quantization fp8 (issue 12's 1.5x target)
 #   enginetest  the GPU engine vs HF transformers (tests/gpu/test_engine_gpu.py; PDL on in the graph modes)
@@ -54,7 +55,8 @@ run() {  # the last 30 lines to the console, the whole filtered output appended 
   echo "--- ${*:1:3}... took $((SECONDS - t0)) s" | tee -a "$OUT/run_log.txt"
 }
 has fp8test && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_hicache_gpu.py
-has prologuetest && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py -k "prologue or pdl or w8a16"
+has prologuetest && run 300 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_kernels.py \
+  -k "prologue or pdl or w8a16 or argmax"
 has fp8quick && run 120 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py -k "attention or dot_dtypes or fused or scaled_mm"
 has fp8acc && run 200 python -m radixserve.bench.quant_accuracy $M8 --num-prompts 4 --output-len 16 --max-total-tokens 4096 \
   --disable-cuda-graph --output "$OUT/fp8_h200_accuracy_llama8b_dummy_gpu.json"
@@ -73,6 +75,15 @@ if has fp8b1; then
     --output "$OUT/fp8_h200_bs1_fp8.json"
   run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
     --disable-pdl --output "$OUT/fp8_h200_bs1_fp8_no_pdl.json"
+fi
+if has prologueab; then
+  run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --output "$OUT/bs1_bf16.json"
+  for i in 1 2; do
+    run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
+      --output "$OUT/bs1_fp8_prologue_$i.json"
+    run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
+      --disable-gemv-prologue --output "$OUT/bs1_fp8_no_prologue_$i.json"
+  done
 fi
 has bf16nopdl && run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --disable-pdl \
   --output "$OUT/fp8_h200_bs1_bf16_no_pdl.json"

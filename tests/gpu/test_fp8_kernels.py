@@ -304,3 +304,51 @@ def test_gemv_pdl_in_cuda_graph(nk):
     h = fused.rmsnorm(x, norm_w, 1e-6)
     ref = F8.w8a16_ref(fused.silu_and_mul(F8.w8a16_ref(h, wa, sa).to(torch.bfloat16)), wb, sb)
     assert ((outs[True][1].float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@needs_fp8_gpu
+def test_prologue_layers_match_separate_kernels():
+    """The deferred inputs through real layers on the GPU, at the Llama-3-8B shapes GEMV_PROLOGUE_TABLE holds:
+    qkv_proj given a NormedInput equals qkv_proj of the separate RMSNorm within the GEMV's tolerance and
+    writes the same residual, bitwise; the MLP with down_proj's SiLU prologue equals the MLP without it."""
+    import torch.nn as nn
+
+    from radixserve.distributed.group import TPGroup
+    from radixserve.kernels.fused import rmsnorm
+    from radixserve.layers.linear import QKVParallelLinear
+    from radixserve.layers.mlp import DenseMLP
+    from radixserve.layers.norm import RMSNorm
+    from radixserve.layers.quantization import Fp8Config, process_weights_after_loading
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # as the model runner builds the model
+    try:
+        with torch.device("cuda"):
+            qkv = QKVParallelLinear(4096, 128, 32, 8, False, TPGroup(), Fp8Config(None))
+            mlp = DenseMLP(4096, 14336, TPGroup(), Fp8Config(None))
+            norm = RMSNorm(4096, 1e-5)
+    finally:
+        torch.set_default_dtype(default)
+    for m in (qkv, mlp.gate_up_proj, mlp.down_proj):
+        nn.init.normal_(m.weight, std=0.02)
+    norm.weight.data.uniform_(0.5, 1.5)
+    process_weights_after_loading(nn.ModuleList([qkv, mlp]))
+    x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+    res = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+    try:
+        F8.configure_prologues(True)
+        assert qkv.input_prologue(1, "rmsnorm") and mlp.down_proj.input_prologue(1, "silu")
+        deferred, new_res = norm.deferred(x, res)
+        got = qkv(deferred)
+        normed, want_res = rmsnorm(x, norm.weight, 1e-5, res)
+        want = qkv(normed)
+        assert torch.equal(new_res, want_res)
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
+        h = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
+        fused_out = mlp(h)
+        F8.configure_prologues(False)
+        assert not mlp.down_proj.input_prologue(1, "silu")
+        torch.testing.assert_close(fused_out, mlp(h), rtol=1e-2, atol=1e-3)
+    finally:
+        F8.configure_prologues(True)
