@@ -11,12 +11,6 @@ kernels.fp8.GEMV_TABLE holds; candidates also vary how much of each row is prefe
 
     python benchmarks/fp8_gemv_sweep.py --output benchmarks/results/fp8_gemv_sweep_h200.json
     python benchmarks/fp8_gemv_sweep.py --chain --output benchmarks/results/fp8_gemv_chain_sweep_h200.json
-
-`--fused` compares, per shape and inside CUDA graphs with PDL on, the chain of [RMSNorm (SiLU-and-mul before
-down_proj) -> GEMV] with the chain of GEMVs that compute that kernel in their loop
-(kernels.fp8.w8a16_gemv_prologue), with and without each GEMV letting the next launch as it finishes.
-
-    python benchmarks/fp8_gemv_sweep.py --fused --output benchmarks/results/fp8_gemv_prologue_h200.json
 """
 from __future__ import annotations
 
@@ -74,61 +68,15 @@ def graph_time(fn, reps: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def fused_chains(shapes: list[str], layers: int, bw: float) -> dict:
-    """Per shape: us per layer of the separate-kernel chain and of the prologue-GEMV chains."""
-    out = {}
-    for name in shapes:
-        n, k = SHAPES[name]
-        nl = layers if name != "lm_head" else 4
-        q, s = F8.quantize_rows(torch.randn(n, k, device="cuda"))
-        ws = [q] + [q.clone() for _ in range(nl - 1)]
-        silu = name == "down"
-        x = torch.randn(1, 2 * k if silu else k, device="cuda").to(torch.bfloat16)
-        r = torch.randn(1, k, device="cuda").to(torch.bfloat16)
-        nw = torch.ones(k, device="cuda", dtype=torch.bfloat16)
-        ro = torch.empty_like(r)
-
-        def separate(ws=ws, s=s, x=x, r=r, nw=nw, silu=silu):
-            if silu:
-                return [F8.w8a16_gemm(fused.silu_and_mul(x), w, s) for w in ws]
-            return [F8.w8a16_gemm(fused.rmsnorm(x, nw, 1e-6, r)[0], w, s) for w in ws]
-
-        def prologue(trigger, ws=ws, s=s, x=x, r=r, nw=nw, ro=ro, silu=silu):
-            if silu:
-                return [F8.w8a16_gemv_prologue(x, w, s, prologue="silu", trigger_end=trigger) for w in ws]
-            return [F8.w8a16_gemv_prologue(x, w, s, prologue="rmsnorm", residual=r, norm_weight=nw, eps=1e-6,
-                                           residual_out=ro, trigger_end=trigger) for w in ws]
-
-        a, b = separate()[0].float(), prologue(True)[0].float()
-        rel = ((a - b).norm() / a.norm()).item()
-        row = {"N": n, "K": k, "prologue": "silu" if silu else "rmsnorm", "rel_diff_vs_separate": rel}
-        for label, fn in (("separate_us", separate), ("prologue_us", lambda: prologue(False)),
-                          ("prologue_trigger_end_us", lambda: prologue(True))):
-            row[label] = graph_time(fn) / nl * 1e6
-        row["speedup"] = row["separate_us"] / min(row["prologue_us"], row["prologue_trigger_end_us"])
-        row["fraction_of_copy_best"] = n * k / (min(row["prologue_us"], row["prologue_trigger_end_us"]) * 1e-6) / bw
-        out[name] = row
-        print(f"{name:>8}: separate {row['separate_us']:7.2f} us, prologue {row['prologue_us']:7.2f}, "
-              f"+trigger {row['prologue_trigger_end_us']:7.2f} ({row['speedup']:.3f}x, rel diff {rel:.1e})", flush=True)
-        ws = q = s = None
-        torch.cuda.empty_cache()
-    return out
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--output", default=None)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--chain", action="store_true", help="each GEMV behind an RMSNorm that PDL-triggers it")
-    p.add_argument("--fused", action="store_true", help="separate RMSNorm / SiLU kernels vs GEMV prologues")
     a = p.parse_args()
     lim = limits("cuda")
-    pdl_on = pdl.configure(a.chain or a.fused, torch.device("cuda"))
-    if a.fused:
-        res = fused_chains(a.shapes.split(","), a.layers, lim["copy_bandwidth_GBps"] * 1e9)
-        record(a.output, {"limits": lim, "pdl": pdl_on, "shapes": res}, "cuda")
-        return
+    pdl_on = pdl.configure(a.chain, torch.device("cuda"))
     bw = lim["copy_bandwidth_GBps"] * 1e9
     rows, best = [], {}
     for name in a.shapes.split(","):

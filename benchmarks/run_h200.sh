@@ -2,7 +2,7 @@
 # Stage-selected H200 runs of this wave's open figures, one device call each (repo root on the GPU host):
 #   bash benchmarks/run_h200.sh OUTDIR STAGES
 # STAGES (comma list, run in this order):
-#   prologuetest  the GEMV (plain, PDL in a graph, RMSNorm / SiLU prologues) GPU tests only
+#   gemvtest    the GEMV (plain, PDL in a CUDA graph) and greedy argmax GPU tests only
 #   fp8test     the FP8 kernel tests (GEMV at M <= 4, tensor-core tile, W8A8, FP8 KV, the GEMV under PDL in a
 #               CUDA graph) and HiCache's layer-by-layer load against a device-resident prefix
 #   attnsweep   decode attention's launch sweep, bf16 and FP8 pools (what kernels.attention.decode_config follows)
@@ -14,7 +14,6 @@
 #   fp8graph    bf16 vs W8A16 tile vs W8A8 inside CUDA graphs at 8-128 tokens (where w8a8_min_tokens should be)
 #   fp8gemm     per-shape GEMM timings, bf16 vs W8A16 (GEMV and tile) vs W8A8, LM head included (issue 12)
 #   fp8b1       batch-1 decode, bf16, --quantization fp8, and fp8 --disable-pdl, 8B preset (issue 12's 1.8x target)
-#   prologueab  batch-1 decode: bf16, then fp8 with and without --disable-gemv-prologue alternating twice
 #   bf16nopdl   batch-1 decode, bf16 --disable-pdl (what PDL gives the bf16 path's small kernels)
 #   fp8prefill  prefill 8 x 2048, bf16 then --quantization fp8 (issue 12's 1.5x target)
 #   enginetest  the GPU engine vs HF transformers (tests/gpu/test_engine_gpu.py; PDL on in the graph modes)
@@ -37,7 +36,6 @@
 #   hicache8k   the same with 8,192-token first contexts and a 24,576-token device pool (4.3x)
 #   gemvchain   the GEMV tile sweep with each GEMV behind a PDL-triggering RMSNorm, as in a decode step
 #               (what kernels.fp8.GEMV_TABLE holds)
-#   gemvfused   separate RMSNorm / SiLU kernel + GEMV vs the GEMV with that kernel as its prologue, per shape
 # Every JSON lands in OUTDIR with device, commit and command inside.
 set -uo pipefail
 OUT=${1:?usage: run_h200.sh OUTDIR STAGES}
@@ -55,8 +53,8 @@ run() {  # the last 30 lines to the console, the whole filtered output appended 
   echo "--- ${*:1:3}... took $((SECONDS - t0)) s" | tee -a "$OUT/run_log.txt"
 }
 has fp8test && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_hicache_gpu.py
-has prologuetest && run 300 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_kernels.py \
-  -k "prologue or pdl or w8a16 or argmax"
+has gemvtest && run 300 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_kernels.py \
+  -k "pdl or w8a16 or argmax"
 has fp8quick && run 120 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py -k "attention or dot_dtypes or fused or scaled_mm"
 has fp8acc && run 200 python -m radixserve.bench.quant_accuracy $M8 --num-prompts 4 --output-len 16 --max-total-tokens 4096 \
   --disable-cuda-graph --output "$OUT/fp8_h200_accuracy_llama8b_dummy_gpu.json"
@@ -65,7 +63,6 @@ has attnsweep && run 420 python benchmarks/decode_attn_sweep.py --output "$OUT/d
 has attnsweep2 && run 200 python benchmarks/decode_attn_sweep.py --large-batch \
   --output "$OUT/decode_attn_sweep_large_batch_h200.json"
 has gemvchain && run 400 python benchmarks/fp8_gemv_sweep.py --chain --output "$OUT/fp8_gemv_chain_sweep_h200.json"
-has gemvfused && run 200 python benchmarks/fp8_gemv_sweep.py --fused --output "$OUT/fp8_gemv_prologue_h200.json"
 has gemvsweep && run 300 python benchmarks/fp8_gemv_sweep.py --output "$OUT/fp8_gemv_sweep_h200.json"
 has fp8graph && run 200 python benchmarks/fp8_gemm_graph_bench.py --output "$OUT/fp8_gemm_graph_h200.json"
 has fp8gemm && run 100 python benchmarks/fp8_gemm_bench.py --output "$OUT/fp8_gemm_h200_gemv.json"
@@ -75,15 +72,6 @@ if has fp8b1; then
     --output "$OUT/fp8_h200_bs1_fp8.json"
   run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
     --disable-pdl --output "$OUT/fp8_h200_bs1_fp8_no_pdl.json"
-fi
-if has prologueab; then
-  run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --output "$OUT/bs1_bf16.json"
-  for i in 1 2; do
-    run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
-      --output "$OUT/bs1_fp8_prologue_$i.json"
-    run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --quantization fp8 \
-      --disable-gemv-prologue --output "$OUT/bs1_fp8_no_prologue_$i.json"
-  done
 fi
 has bf16nopdl && run 60 $OB $M8 --batch-size 1 --input-len 128 --output-len 256 --cuda-graph-max-bs 4 --disable-pdl \
   --output "$OUT/fp8_h200_bs1_bf16_no_pdl.json"

@@ -56,7 +56,6 @@ class ServerArgs:
     cuda_graph_max_bs: int | None = None
     disable_cuda_graph: bool = False
     disable_pdl: bool = False
-    disable_gemv_prologue: bool = False
     disable_overlap_schedule: bool = False
     enable_overlap_schedule: bool = False
     enable_torch_compile: bool = False
@@ -393,10 +392,6 @@ _FLAGS: list[tuple[list[str], dict]] = [
                              "on Hopper and later: a decode GEMV becomes resident and prefetches its weights "
                              "while the small kernel before it runs; not used with torch.compile or piecewise "
                              "CUDA graphs).")),
-    (["--disable-gemv-prologue"], dict(action="store_true", help="At batch 1 with --quantization fp8 the FP8 GEMVs "
-                                       "of qkv_proj and down_proj compute the RMSNorm / SiLU-and-mul before them "
-                                       "in their own loop (one kernel instead of two, where measured faster); "
-                                       "this runs the separate kernels instead.")),
     (["--disable-overlap-schedule"], dict(action="store_true", help="Do not overlap CPU scheduling with GPU.")),
     (["--enable-overlap-schedule"], dict(action="store_true", help="Overlap on CPU too (default: only on CUDA).")),
     (["--enable-torch-compile"], dict(action="store_true", help="torch.compile the decode forward for batches up "

@@ -309,36 +309,3 @@ def test_norm_and_silu_quantize_for_w8a8_bitwise(tmp_path, monkeypatch):
     assert not calls
     assert torch.equal(fused, unfused)
     assert teacher_forced_logits(runner, ids[:40]).shape == (40, 256)  # below the switch: weight-only, unfused
-
-
-def test_gemv_prologue_plumbing_keeps_outputs(tmp_path, monkeypatch):
-    """Batch-1 decode with the RMSNorm before qkv_proj / gate_up_proj and the SiLU-and-mul before down_proj
-    handed over unevaluated (NormedInput / SiluMulInput, as on CUDA where the GEMV computes them in its
-    loop): greedy tokens and the residual stream are those of the separate kernels, and every layer's three
-    projections received the deferred input at each decode step. On the CPU the method computes the
-    deferred input with the same ops, so this checks what the decoder and the MLP pass along; the GEMV
-    prologue kernels themselves are tests/gpu/test_fp8_kernels.py's (also under the Triton interpreter)."""
-    from transformers import LlamaConfig
-    from transformers import LlamaForCausalLM as HFLlama
-
-    from radixserve.layers.quantization.base import NormedInput, SiluMulInput
-
-    torch.manual_seed(0)
-    HFLlama(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path)
-    runner = make_runner(str(tmp_path), quantization="fp8")
-    prompt = [[5, 17, 99, 3, 42, 7]]
-    plain = greedy(runner, prompt, 8)
-    seen = []
-    real_apply = fp8_mod.Fp8LinearMethod.apply
-
-    def apply(self, layer, x, bias):
-        if isinstance(x, (NormedInput, SiluMulInput)):
-            seen.append(type(x).__name__)
-        return real_apply(self, layer, x, bias)
-
-    monkeypatch.setattr(fp8_mod.K, "prologue_pays", lambda n, k, kind, device: True)
-    monkeypatch.setattr(fp8_mod.Fp8LinearMethod, "apply", apply)
-    assert greedy(runner, prompt, 8) == plain
-    # 7 decode steps (the 8th token needs no forward) x 2 layers x (qkv + gate_up: RMSNorm, down: SiLU)
-    assert seen.count("NormedInput") == 7 * 2 * 2 and seen.count("SiluMulInput") == 7 * 2

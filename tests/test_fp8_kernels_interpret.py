@@ -59,7 +59,6 @@ def main() -> None:
         check_fp8_attention,
         check_fp8_rotary_store,
         check_fused_quantize,
-        check_gemv_prologue,
         check_quantize_rows,
         check_w8a16,
     )
@@ -69,11 +68,6 @@ def main() -> None:
                                (4, 40, 300, True, torch.float32), (2, 24, 1100, False, torch.float32)]:
         err = check_w8a16("cpu", m, n, k, group, dt)
         print(f"ok  w8a16 {m}x{n}x{k} group={group} {dt}  (rel err {err:.2e})", flush=True)
-    for n, k, dt, res, cfg in [(40, 300, torch.float32, True, {"BLOCK_N": 16, "BLOCK_K": 128}),
-                               (24, 512, torch.bfloat16, False, {"BLOCK_N": 8, "BLOCK_K": 256}),
-                               (24, 512, torch.bfloat16, True, {"BLOCK_N": 8, "BLOCK_K": 256})]:
-        err = check_gemv_prologue("cpu", n, k, dt, res, config=cfg)
-        print(f"ok  gemv rmsnorm / silu prologue {n}x{k} {dt} residual={res}  (rel err {err:.2e})", flush=True)
     for m, k, dt in [(3, 300, torch.float32), (2, 64, torch.bfloat16)]:
         check_quantize_rows("cpu", m, k, dt)
         print(f"ok  quantize_rows_fused {m}x{k} {dt}", flush=True)

@@ -22,7 +22,6 @@ from radixserve.engine.cuda_graph import CudaGraphRunner
 from radixserve.engine.piecewise import PiecewiseRunner, padding_batch
 from radixserve.engine.prompt_logprobs import PromptLogprobPlan, compute_prompt_logprobs
 from radixserve.forward_batch import ForwardBatch
-from radixserve.kernels import fp8 as fp8_kernels
 from radixserve.kernels import pdl
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool, is_fp8, kv_cache_dtype
 from radixserve.layers.attention import FORWARD_CONTEXT
@@ -87,7 +86,6 @@ class ModelRunner:
         # does not pass the programmatic-launch option on
         pdl.configure(not (args.disable_pdl or args.enable_torch_compile or args.enable_piecewise_cuda_graph),
                       self.device)
-        fp8_kernels.configure_prologues(not args.disable_gemv_prologue)
         self.cfg = model_config or load_config(src)
         self.cfg.quant = resolve_quant_config(args.quantization, self.cfg.hf_config, self.device,
                                               use_checkpoint=args.load_format != "dummy",

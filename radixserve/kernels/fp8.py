@@ -171,44 +171,11 @@ if HAS_TRITON:
 
 
     @triton.jit
-    def _load_k(ptrs, mask_k, EVEN: tl.constexpr):
-        if EVEN:
-            return tl.load(ptrs)
-        return tl.load(ptrs, mask=mask_k, other=0.0)
-
-    @triton.jit
-    def _gemv_input(x_ptrs, r_ptrs, nw_ptrs, ro_ptrs, mask_k, write_res, X_DTYPE: tl.constexpr, OFF,
-                    PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, EVEN: tl.constexpr):
-        """One BLOCK_K chunk of the GEMV's input in fp32, and for RMSNorm the chunk before the norm weight
-        (what the sum of squares adds up). PROLOGUE 0: the row as stored. 1: RMSNorm's numerator
-        w_norm * (x + residual), the sum x + residual rounded to the activation dtype as the RMSNorm kernel
-        rounds it and written out by one program (write_res); the 1/rms factor is applied to the dot
-        products at the end. 2: SiLU-and-mul of a [gate | up] row (up OFF elements after gate), rounded as
-        the SiLU-and-mul kernel rounds it, so the product is that of the separate kernels."""
-        if PROLOGUE == 2:
-            g = _load_k(x_ptrs, mask_k, EVEN).to(tl.float32)
-            u = _load_k(x_ptrs + OFF, mask_k, EVEN).to(tl.float32)
-            sg = (g / (1.0 + tl.exp(-g))).to(X_DTYPE)
-            return (sg.to(tl.float32) * u).to(X_DTYPE).to(tl.float32), g
-        h = _load_k(x_ptrs, mask_k, EVEN)
-        if PROLOGUE == 0:
-            return h.to(tl.float32), h.to(tl.float32)
-        if HAS_RES:
-            h = (h.to(tl.float32) + _load_k(r_ptrs, mask_k, EVEN).to(tl.float32)).to(X_DTYPE)
-            if EVEN:
-                tl.store(ro_ptrs, h, mask=write_res)
-            else:
-                tl.store(ro_ptrs, h, mask=mask_k & write_res)
-        hf = h.to(tl.float32)
-        return hf * _load_k(nw_ptrs, mask_k, EVEN).to(tl.float32), hf
-
-    @triton.jit
     def _w8a16_gemv_kernel(X, W, S, B, Y, M, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
                            GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr, HAS_BIAS: tl.constexpr,
                            EVEN_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 2048,
-                           R=None, NW=None, RO=None, eps=0.0, PROLOGUE: tl.constexpr = 0,
-                           HAS_RES: tl.constexpr = False, TRIGGER_END: tl.constexpr = False):
+                           TRIGGER_END: tl.constexpr = False):
         """y[m, n-tile] for one token row m: no tensor cores (a 16-row dot tile would be 15/16 padding at
         batch 1), the upcast weight tile times the broadcast activation accumulates in a [BLOCK_N, BLOCK_K]
         fp32 register tile, reduced across K once at the end. Programs run m fastest, so the M programs
@@ -222,12 +189,8 @@ if HAS_TRITON:
         PDL (kernels/pdl.py): launched as a programmatic dependent, the program first asks for the first
         PREFETCH_K bytes of each of its weight rows into L2 (rows and columns clamped into the matrix),
         then waits for the previous kernel; the loop below finds those lines in L2. TRIGGER_END: each program
-        lets the next programmatic dependent launch once its loop is done, so the next GEMV's prefetch overlaps
-        this one's last wave (for a chain of GEMVs with no small kernel between them).
-
-        PROLOGUE (_gemv_input): the kernel before a projection folded into its loop, RMSNorm (+ residual;
-        R, NW, RO, eps) or SiLU-and-mul; each program reads the whole input row anyway, so it also sums the
-        squares RMSNorm needs and scales its dot products by 1/rms at the end (M = 1 only)."""
+        lets the next programmatic dependent (the next GEMV, where no small kernel sits between them) launch
+        once its loop is done, so that GEMV's prefetch overlaps this one's last wave."""
         pid = tl.program_id(0)
         m = pid % M
         pid_n = pid // M
@@ -242,21 +205,14 @@ if HAS_TRITON:
             tl.extra.cuda.gdc_wait()
         w_ptrs = W + offs_n[:, None] * stride_wn + offs_k[None, :]
         x_ptrs = X + m.to(tl.int64) * stride_xm + offs_k
-        r_ptrs = R + offs_k if PROLOGUE == 1 and HAS_RES else x_ptrs
-        ro_ptrs = RO + offs_k if PROLOGUE == 1 and HAS_RES else x_ptrs
-        nw_ptrs = NW + offs_k if PROLOGUE == 1 else x_ptrs
-        write_res = (offs_k * 0 + pid) == 0  # one program writes x + residual (M = 1)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            mask_k = k0 + offs_k < K
-            x, h = _gemv_input(x_ptrs, r_ptrs, nw_ptrs, ro_ptrs, mask_k, write_res, X.dtype.element_ty, K, PROLOGUE,
-                               HAS_RES, EVEN_K)
-            if PROLOGUE == 1:
-                ss += h * h
             if EVEN_K:
+                x = tl.load(x_ptrs).to(tl.float32)
                 w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0, eviction_policy="evict_first")
             else:
+                mask_k = k0 + offs_k < K
+                x = tl.load(x_ptrs, mask=mask_k, other=0.0).to(tl.float32)
                 w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0, eviction_policy="evict_first")
             wf = w.to(tl.float32)
             if not PER_CHANNEL:
@@ -270,14 +226,9 @@ if HAS_TRITON:
             acc += wf * x[None, :]
             w_ptrs += BLOCK_K
             x_ptrs += BLOCK_K
-            r_ptrs += BLOCK_K
-            ro_ptrs += BLOCK_K
-            nw_ptrs += BLOCK_K
         if TRIGGER_END:
             tl.extra.cuda.gdc_launch_dependents()
         y = tl.sum(acc, axis=1)
-        if PROLOGUE == 1:
-            y = y * tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
         if PER_CHANNEL:
             y = y * tl.load(S + offs_n * stride_sn, mask=mask_n, other=0.0)
         if HAS_BIAS:
@@ -347,9 +298,7 @@ def w8a16_gemm(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torc
 
 
 __all__ = ["FP8_DTYPES", "HAS_TRITON", "dequantize", "expand_group_scale", "fp8_max", "quantize_blocks",
-           "quantize_rows", "to_fp8", "w8a16_config", "w8a16_gemm", "w8a16_gemv_prologue", "w8a16_ref",
-           "configure_prologues", "prologue_pays",
-           "w8a8_quantized_ref", "w8a8_ref"]
+           "quantize_rows", "to_fp8", "w8a16_config", "w8a16_gemm", "w8a16_ref", "w8a8_quantized_ref", "w8a8_ref"]
 
 
 #: M = 1 GEMV tiles measured best per (N, K) inside CUDA graphs on the H200 for the Llama-3-8B shapes, each
@@ -366,43 +315,14 @@ GEMV_TABLE: dict[tuple[int, int], dict] = {
 }
 
 
-#: (N, K, prologue) -> tile for the shapes where a GEMV computing the kernel before it in its loop beat that
-#: kernel + the plain GEMV, both chains with PDL inside CUDA graphs on the H200 (`fp8_gemv_sweep.py --fused`,
-#: fp8_gemv_prologue_h200.json, 5264eaf): qkv after RMSNorm 10.65 vs 11.50 us, down_proj after SiLU-and-mul
-#: 19.95 vs 20.93 us. For gate_up (41.8 vs 35.8 us), o and the LM head the RMSNorm prologue lost: with
-#: 8-row tiles each program re-reads x, the residual and the norm weight for every 8 KB of weight, which
-#: costs more L2 traffic than the separate kernel; they keep it.
-GEMV_PROLOGUE_TABLE: dict[tuple[int, int, str], dict] = {
-    (6144, 4096, "rmsnorm"): GEMV_TABLE[(6144, 4096)],
-    (4096, 14336, "silu"): GEMV_TABLE[(4096, 14336)],
-}
-PROLOGUES_ENABLED = True
-
-
-def configure_prologues(enabled: bool) -> None:
-    """`--disable-gemv-prologue` (the model runner calls this once, from ServerArgs): read when a forward
-    decides, so a captured CUDA graph keeps the choice it was captured with."""
-    global PROLOGUES_ENABLED
-    PROLOGUES_ENABLED = bool(enabled)
-
-
-def prologue_pays(n: int, k: int, kind: str, device: torch.device) -> bool:
-    """Whether a one-token [N, K] product on `device` should take the kernel before it as its prologue (the
-    measured CUDA shapes; on the CPU the separate kernels are the torch ops they would be anyway)."""
-    return PROLOGUES_ENABLED and HAS_TRITON and device.type == "cuda" and (n, k, kind) in GEMV_PROLOGUE_TABLE
-
-
 def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-                group: int, config: dict | None, extra: dict | None = None) -> torch.Tensor:
+                group: int, config: dict | None) -> torch.Tensor:
     """The decode-sized product (M <= GEMV_MAX_M): on CUDA the GEMV_TABLE tile for the shape, else
     autotuned; `config` (BLOCK_N, BLOCK_K, num_warps, num_stages, optional PREFETCH_K) overrides both (the
-    sweeps, and the interpreter tests on the CPU). `extra`: the prologue's kernel arguments."""
-    M = x.shape[0]
-    N, K = w.shape
-    G = scale.shape[1]
-    # each program lets the next programmatic dependent (the next GEMV) launch once its loop is done
-    extra = {"TRIGGER_END": pdl.ENABLED and x.is_cuda, **(extra or {})}
-    common = dict(GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None, **extra)
+    sweeps, and the interpreter tests on the CPU)."""
+    M, K = x.shape
+    N, G = w.shape[0], scale.shape[1]
+    common = dict(GROUP=group, PER_CHANNEL=G == 1, HAS_BIAS=bias is not None, TRIGGER_END=pdl.ENABLED and x.is_cuda)
     args = (x, w, scale, bias if bias is not None else scale, y, M, N, K, x.stride(0), w.stride(0), scale.stride(0),
             y.stride(0))
     if config is None and x.is_cuda:
@@ -422,37 +342,6 @@ def _w8a16_gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: tor
                              BLOCK_K=cfg["BLOCK_K"], PREFETCH_K=cfg["PREFETCH_K"], num_warps=cfg["num_warps"],
                              num_stages=cfg["num_stages"], **launch)
     return y
-
-
-def w8a16_gemv_prologue(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, *,
-                        prologue: str, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                        eps: float = 0.0, residual_out: torch.Tensor | None = None, trigger_end: bool = True,
-                        config: dict | None = None) -> torch.Tensor:
-    """The one-token product with the kernel before it folded in (Triton only, x [1, *]):
-      prologue "rmsnorm": y = RMSNorm(x + residual) * norm_weight @ dequant(w)^T, and x + residual into
-        residual_out (a fresh buffer: other programs still read `residual` while one writes it);
-      prologue "silu": y = SiLU-and-mul(x) @ dequant(w)^T for x = [gate | up] of 2K columns.
-    trigger_end: let the next programmatic dependent launch as each program finishes its loop (PDL on)."""
-    assert x.shape[0] == 1 and x.stride(-1) == 1 and w.stride(-1) == 1
-    N, K = w.shape
-    G = scale.shape[1]
-    if prologue == "rmsnorm":
-        assert x.shape[1] == K and norm_weight is not None and (residual is None) == (residual_out is None)
-        extra = dict(PROLOGUE=1, HAS_RES=residual is not None, NW=norm_weight, eps=float(eps),
-                     R=residual if residual is not None else x, RO=residual_out if residual_out is not None else x)
-        if residual is not None:
-            assert residual.is_contiguous() and residual_out.is_contiguous()
-            assert residual_out.data_ptr() != residual.data_ptr() and residual_out.data_ptr() != x.data_ptr()
-    elif prologue == "silu":
-        assert x.shape[1] == 2 * K
-        extra = dict(PROLOGUE=2)
-    else:
-        raise ValueError(f"unknown GEMV prologue {prologue!r}")
-    extra["TRIGGER_END"] = bool(trigger_end) and pdl.ENABLED and x.is_cuda
-    if config is None and x.is_cuda and G == 1:
-        config = GEMV_PROLOGUE_TABLE.get((N, K, prologue))
-    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    return _w8a16_gemv(x, w, scale, bias, y, -(-K // G), config, extra)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -77,10 +77,6 @@ class LinearBase(nn.Module):
         """See LinearMethod.input_quant: whether the producer of this layer's input may quantize it."""
         return self.quant_method.input_quant(self, num_tokens)
 
-    def input_prologue(self, num_tokens: int, kind: str) -> bool:
-        """See LinearMethod.input_prologue: whether this layer's matmul computes the kernel before it itself."""
-        return self.quant_method.input_prologue(self, num_tokens, kind)
-
 
 class ColumnParallelLinear(LinearBase):
     """y = x W^T with W's output rows split over ranks; output stays sharded."""

@@ -11,7 +11,7 @@ from radixserve.distributed.group import TPGroup
 from radixserve.kernels.fused import silu_and_mul
 from radixserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from radixserve.layers.quantization import QuantConfig
-from radixserve.layers.quantization.base import NormedInput, QuantizedActivation, SiluMulInput
+from radixserve.layers.quantization.base import QuantizedActivation
 
 
 class DenseMLP(nn.Module):
@@ -23,14 +23,8 @@ class DenseMLP(nn.Module):
     def input_quant(self, num_tokens: int) -> torch.dtype | None:
         return self.gate_up_proj.input_quant(num_tokens)
 
-    def input_prologue(self, num_tokens: int) -> bool:
-        """Whether gate_up_proj folds the RMSNorm before it into its matmul (see LinearMethod.input_prologue)."""
-        return self.gate_up_proj.input_prologue(num_tokens, "rmsnorm")
-
-    def forward(self, x: torch.Tensor | QuantizedActivation | NormedInput) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         h = self.gate_up_proj(x)
-        if self.down_proj.input_prologue(h.shape[0], "silu"):
-            return self.down_proj(SiluMulInput(h))
         quant = self.down_proj.input_quant(h.shape[0])
         if quant is None:
             return self.down_proj(silu_and_mul(h))

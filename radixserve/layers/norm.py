@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from radixserve.kernels.fused import rmsnorm
-from radixserve.layers.quantization.base import NormedInput, QuantizedActivation
+from radixserve.layers.quantization.base import QuantizedActivation
 
 
 class RMSNorm(nn.Module):
@@ -24,9 +24,3 @@ class RMSNorm(nn.Module):
         if residual is None:
             return QuantizedActivation(*out, x.dtype)
         return QuantizedActivation(*out[0], x.dtype), out[1]
-
-    def deferred(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[NormedInput, torch.Tensor]:
-        """forward's (normed, new residual) for a linear layer whose input_prologue("rmsnorm") said yes: the
-        norm is left to its matmul, which also fills the new residual (a fresh buffer; x itself without one)."""
-        residual_out = torch.empty_like(x) if residual is not None else None
-        return NormedInput(x, residual, self.weight, self.eps, residual_out), (x if residual is None else residual_out)

@@ -55,20 +55,13 @@ class LlamaDecoderLayer(nn.Module):
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 fb: ForwardBatch | None) -> tuple[torch.Tensor, torch.Tensor]:
         # quant: an FP8 dtype when the next matmul quantizes its input per token (W8A8): the norm does it
-        # prologue: the next matmul computes the norm itself (batch 1, FP8 GEMV), so it is passed on unevaluated
         quant = self.self_attn.qkv_proj.input_quant(x.shape[0])
-        if self.self_attn.qkv_proj.input_prologue(x.shape[0], "rmsnorm"):
-            x, residual = self.input_layernorm.deferred(x, residual)
-        elif residual is None:
+        if residual is None:
             x, residual = self.input_layernorm(x, quant=quant), x
         else:
             x, residual = self.input_layernorm(x, residual, quant=quant)
         x = self.self_attn(positions, x, fb)
-        dense = isinstance(self.mlp, DenseMLP)
-        if dense and self.mlp.input_prologue(x.shape[0]):
-            x, residual = self.post_attention_layernorm.deferred(x, residual)
-            return self.mlp(x), residual
-        quant = self.mlp.input_quant(x.shape[0]) if dense else None
+        quant = self.mlp.input_quant(x.shape[0]) if isinstance(self.mlp, DenseMLP) else None
         x, residual = self.post_attention_layernorm(x, residual, quant=quant)
         return self.mlp(x), residual
 

@@ -164,36 +164,6 @@ def check_fused_quantize(device: str, rows: int, n: int, dtype: torch.dtype, res
     assert torch.equal(gs, ws) and torch.equal(gq.view(torch.uint8), wq.view(torch.uint8)), "silu_and_mul quant"
 
 
-def check_gemv_prologue(device: str, n: int, k: int, dtype: torch.dtype, residual: bool, seed: int = 0,
-                        config: dict | None = None) -> float:
-    """w8a16_gemv_prologue against the two kernels it replaces. SiLU-and-mul: the same rounded input, so the
-    product equals the separate silu_and_mul + GEMV within 1e-6 (fp32 sums in one order). RMSNorm: the norm
-    weight and 1/rms multiply in fp32 instead of after rounding the normed row to the activation dtype, so
-    against w8a16_ref of the fp32 RMSNorm within the GEMV's own tolerance (1e-2 in 16 bits, 1e-5 in fp32);
-    x + residual comes out bitwise equal to the RMSNorm kernel's."""
-    from radixserve.kernels.fused import rmsnorm, rmsnorm_ref, silu_and_mul
-    g = torch.Generator().manual_seed(seed)
-    q, s = F8.quantize_rows(torch.randn(n, k, generator=g))
-    q, s = q.to(device), s.to(device)
-    x = (torch.randn(1, k, generator=g) * 2).to(dtype).to(device)
-    nw = (torch.rand(k, generator=g) + 0.5).to(dtype).to(device)
-    r = torch.randn(1, k, generator=g).to(dtype).to(device) if residual else None
-    ro = torch.empty_like(x) if residual else None
-    got = F8.w8a16_gemv_prologue(x, q, s, prologue="rmsnorm", residual=r, norm_weight=nw, eps=1e-6,
-                                 residual_out=ro, config=config)
-    h = x.float() + r.float() if residual else x.float()
-    ref = F8.w8a16_ref(rmsnorm_ref(h, nw.float(), 1e-6), q, s)
-    err = ((got.float() - ref).norm() / ref.norm()).item()
-    assert err < (1e-5 if dtype == torch.float32 else 1e-2), f"gemv rmsnorm prologue {n}x{k} {dtype}: {err:.3g}"
-    if residual:
-        assert torch.equal(ro, rmsnorm(x, nw, 1e-6, r)[1]), "gemv rmsnorm prologue: residual output"
-    hh = (torch.randn(1, 2 * k, generator=g) * 3).to(dtype).to(device)
-    got = F8.w8a16_gemv_prologue(hh, q, s, prologue="silu", config=config)
-    want = F8.w8a16_gemm(silu_and_mul(hh), q, s, config=None if config is None else {**config, "gemv": True})
-    assert torch.allclose(got.float(), want.float(), rtol=1e-6, atol=1e-6), "gemv silu prologue"
-    return err
-
-
 # --------------------------------------------------------------------------------------------------
 # GPU tests
 
@@ -207,13 +177,6 @@ needs_fp8_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.g
 @pytest.mark.parametrize("group", [False, True])
 def test_w8a16_gpu(m, nk, group):
     check_w8a16("cuda", m, *nk, group, torch.bfloat16, seed=m)
-
-
-@needs_fp8_gpu
-@pytest.mark.parametrize("nk", [(6144, 4096), (4096, 14336), (200, 320)])
-@pytest.mark.parametrize("residual", [False, True])
-def test_gemv_prologue_gpu(nk, residual):
-    check_gemv_prologue("cuda", *nk, torch.bfloat16, residual)
 
 
 @needs_fp8_gpu
@@ -304,51 +267,3 @@ def test_gemv_pdl_in_cuda_graph(nk):
     h = fused.rmsnorm(x, norm_w, 1e-6)
     ref = F8.w8a16_ref(fused.silu_and_mul(F8.w8a16_ref(h, wa, sa).to(torch.bfloat16)), wb, sb)
     assert ((outs[True][1].float() - ref).norm() / ref.norm()).item() < 2e-2
-
-
-@needs_fp8_gpu
-def test_prologue_layers_match_separate_kernels():
-    """The deferred inputs through real layers on the GPU, at the Llama-3-8B shapes GEMV_PROLOGUE_TABLE holds:
-    qkv_proj given a NormedInput equals qkv_proj of the separate RMSNorm within the GEMV's tolerance and
-    writes the same residual, bitwise; the MLP with down_proj's SiLU prologue equals the MLP without it."""
-    import torch.nn as nn
-
-    from radixserve.distributed.group import TPGroup
-    from radixserve.kernels.fused import rmsnorm
-    from radixserve.layers.linear import QKVParallelLinear
-    from radixserve.layers.mlp import DenseMLP
-    from radixserve.layers.norm import RMSNorm
-    from radixserve.layers.quantization import Fp8Config, process_weights_after_loading
-
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # as the model runner builds the model
-    try:
-        with torch.device("cuda"):
-            qkv = QKVParallelLinear(4096, 128, 32, 8, False, TPGroup(), Fp8Config(None))
-            mlp = DenseMLP(4096, 14336, TPGroup(), Fp8Config(None))
-            norm = RMSNorm(4096, 1e-5)
-    finally:
-        torch.set_default_dtype(default)
-    for m in (qkv, mlp.gate_up_proj, mlp.down_proj):
-        nn.init.normal_(m.weight, std=0.02)
-    norm.weight.data.uniform_(0.5, 1.5)
-    process_weights_after_loading(nn.ModuleList([qkv, mlp]))
-    x = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
-    res = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
-    try:
-        F8.configure_prologues(True)
-        assert qkv.input_prologue(1, "rmsnorm") and mlp.down_proj.input_prologue(1, "silu")
-        deferred, new_res = norm.deferred(x, res)
-        got = qkv(deferred)
-        normed, want_res = rmsnorm(x, norm.weight, 1e-5, res)
-        want = qkv(normed)
-        assert torch.equal(new_res, want_res)
-        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-2
-        h = torch.randn(1, 4096, device="cuda").to(torch.bfloat16)
-        fused_out = mlp(h)
-        F8.configure_prologues(False)
-        assert not mlp.down_proj.input_prologue(1, "silu")
-        torch.testing.assert_close(fused_out, mlp(h), rtol=1e-2, atol=1e-3)
-    finally:
-        F8.configure_prologues(True)

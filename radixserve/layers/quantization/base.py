@@ -61,33 +61,6 @@ class QuantizedActivation(NamedTuple):
     dtype: torch.dtype
 
 
-class NormedInput(NamedTuple):
-    """RMSNorm(x + residual) * weight before a linear layer, not computed yet: made only for a layer whose
-    `input_prologue(..., "rmsnorm")` said yes, whose matmul kernel then computes the norm in its own loop
-    (one kernel at batch 1 instead of two) and writes x + residual into residual_out. `materialize` is
-    the separate RMSNorm, for a method that cannot fold it after all."""
-    x: torch.Tensor
-    residual: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-    residual_out: torch.Tensor | None
-
-    def materialize(self) -> torch.Tensor:
-        from radixserve.kernels.fused import rmsnorm
-        if self.residual is None:
-            return rmsnorm(self.x, self.weight, self.eps)
-        return rmsnorm(self.x, self.weight, self.eps, self.residual, residual_out=self.residual_out)[0]
-
-
-class SiluMulInput(NamedTuple):
-    """SiLU-and-mul of a [gate | up] row before down_proj, not computed yet (input_prologue(..., "silu"))."""
-    gate_up: torch.Tensor
-
-    def materialize(self) -> torch.Tensor:
-        from radixserve.kernels.fused import silu_and_mul
-        return silu_and_mul(self.gate_up)
-
-
 class LinearMethod(ABC):
     """How one linear layer stores and applies its weight. Stateless across layers: per-layer state
     lives on the layer as parameters/buffers the method registers."""
@@ -115,11 +88,6 @@ class LinearMethod(ABC):
         itself: the kernel producing the input may then hand over a QuantizedActivation instead. None: a
         plain tensor, always."""
         return None
-
-    def input_prologue(self, layer: LinearBase, num_tokens: int, kind: str) -> bool:
-        """Whether `apply` takes the kernel before it unevaluated for num_tokens rows and folds it into its own
-        matmul: kind "rmsnorm" (a NormedInput) or "silu" (a SiluMulInput). False: a plain tensor, always."""
-        return False
 
 
 class QuantConfig(ABC):

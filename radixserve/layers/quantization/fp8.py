@@ -19,15 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from radixserve.kernels import fp8 as K
-from radixserve.layers.quantization.base import (
-    LinearMethod,
-    NormedInput,
-    ParamLayout,
-    QuantConfig,
-    QuantizedActivation,
-    SiluMulInput,
-    make_param,
-)
+from radixserve.layers.quantization.base import LinearMethod, ParamLayout, QuantConfig, QuantizedActivation, make_param
 from radixserve.layers.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
@@ -82,29 +74,10 @@ class Fp8LinearMethod(LinearMethod):
             return None
         return FP8 if _uses_w8a8(layer.weight, layer.weight_scale, num_tokens, layer.params_dtype) else None
 
-    def input_prologue(self, layer: LinearBase, num_tokens: int, kind: str) -> bool:
-        """Batch 1 on CUDA, at the shapes where the GEMV computing RMSNorm / SiLU-and-mul in its loop measured
-        faster than the separate kernel (kernels.fp8.GEMV_PROLOGUE_TABLE). Not while torch.compile traces."""
-        w = layer.weight
-        return (num_tokens == 1 and w.dtype == FP8 and not torch.compiler.is_compiling()
-                and K.prologue_pays(w.shape[0], w.shape[1], kind, w.device))
-
-    def apply(self, layer: LinearBase, x: torch.Tensor | QuantizedActivation | NormedInput | SiluMulInput,
-              bias: torch.Tensor | None) -> torch.Tensor:
+    def apply(self, layer: LinearBase, x: torch.Tensor | QuantizedActivation, bias: torch.Tensor | None
+              ) -> torch.Tensor:
         if isinstance(x, QuantizedActivation):
             return _apply_quantized(layer.weight, layer.weight_scale, x, bias)
-        # the kernel only on CUDA; elsewhere (and for a shape it does not take) the input is computed first
-        if isinstance(x, NormedInput):
-            if x.x.is_cuda and x.x.dim() == 2 and self.input_prologue(layer, x.x.shape[0], "rmsnorm"):
-                return K.w8a16_gemv_prologue(x.x, layer.weight, layer.weight_scale, bias, prologue="rmsnorm",
-                                             residual=x.residual, norm_weight=x.weight, eps=x.eps,
-                                             residual_out=x.residual_out)
-            x = x.materialize()
-        elif isinstance(x, SiluMulInput):
-            if x.gate_up.is_cuda and x.gate_up.dim() == 2 and self.input_prologue(layer, x.gate_up.shape[0], "silu"):
-                return K.w8a16_gemv_prologue(x.gate_up.contiguous(), layer.weight, layer.weight_scale, bias,
-                                             prologue="silu")
-            x = x.materialize()
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         w, s = layer.weight, layer.weight_scale
