@@ -36,6 +36,13 @@ LONG = " ".join(f"rule{i} is important." for i in range(60))  # ~350 tokens: 6 c
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
+    # the CPU's default weights (float16 packed for FBGEMM on x86): the scheduler tests below compare the engine
+    # with itself, and a decode step costs a third of float32's
+    return Engine(ServerArgs(device="cpu", max_total_tokens=4096, seed=0))
+
+
+@pytest.fixture(scope="module")
+def engine_f32() -> Engine:
     # float32: test_piecewise_split_equals_eager traces this model, and torch.compile cannot trace packed fp16
     return Engine(ServerArgs(device="cpu", max_total_tokens=4096, seed=0, cpu_weight_dtype="float32"))
 
@@ -121,9 +128,10 @@ def test_stream_interval(engine, interval):
     assert sizes == ([1] * 10 if interval == 1 else [1, 4, 4, 1])
 
 
-def test_piecewise_split_equals_eager(engine):
+def test_piecewise_split_equals_eager(engine_f32):
     """The CPU twin of --enable-piecewise-cuda-graph: the model traced once, cut at every attention op,
     run padded to a token bucket; logits equal the eager model's for a batch with a cached prefix."""
+    engine = engine_f32
     r = engine.runner
     pw = PiecewiseRunner(r.model, r.attn_layers, r.device, 64)
     assert pw.sizes == piecewise_sizes(64) == [16, 32, 64]
