@@ -38,7 +38,7 @@ def drain(s: Scheduler, reqs: list[Req], check=None) -> list[list[int]]:
     return [r.output_ids for r in reqs]
 
 
-def prompts(engine: Engine, n: int, prefix_words: int = 60) -> list[list[int]]:
+def prompts(engine: Engine, n: int, prefix_words: int = 20) -> list[list[int]]:  # 20 words: ~110 shared tokens
     system = " ".join(f"rule{i} is important." for i in range(prefix_words))
     return [engine.tokenizer.encode(f"{system} Question {i}: what is {i} plus {i}?") for i in range(n)]
 
@@ -85,13 +85,16 @@ def test_lpm_defers_in_batch_shared_prefix(engine):
 
 
 def test_eviction_small_pool_keeps_outputs(engine):
-    ps = prompts(engine, 10, prefix_words=30)
+    ps = prompts(engine, 6, prefix_words=30)  # 182 tokens each, 150 of them shared
     ref = drain(sched(engine, cache="naive"), [Req(p, SP) for p in ps])
-    s = sched(engine, max_total_tokens=600, page_size=4)
+    s = sched(engine, max_total_tokens=208, page_size=4)
+    evict, freed = s.cache.evict, []
+    s.cache.evict = lambda n: freed.append(evict(n)) or freed[-1]
     got = []
     for p in ps:  # one at a time so the tree fills up and must evict
         got += drain(s, [Req(p, SP)], check=lambda s: s.cache.check_invariants())
     assert got == ref
+    assert sum(freed) > 0, "the tree never evicted"
     assert_pool_clean(s)
 
 
