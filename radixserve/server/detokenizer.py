@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from radixserve.detokenizer import IncrementalDetokenizer
+from radixserve.detokenizer import IncrementalDetokenizer, load_decoding_tokenizer
 from radixserve.server import messages as m
 from radixserve.server.procs import init_child, pull, push
 
@@ -98,7 +98,6 @@ def run_detokenizer(log_level: str, addrs: m.Addresses, parent_pid: int) -> None
     then translates BatchTokenOut into BatchStrOut forever."""
     init_child(log_level, " DETOK", parent_pid)
     try:
-        from transformers import AutoTokenizer
         ctx = zmq.Context()
         recv, to_api = pull(ctx, addrs.detokenizer), push(ctx, addrs.api)
         decode = m.decoder(m.DetokenizerIn).decode
@@ -108,7 +107,7 @@ def run_detokenizer(log_level: str, addrs: m.Addresses, parent_pid: int) -> None
             for raw in receive_all(recv):
                 msg = decode(raw)
                 if isinstance(msg, m.DetokInit):  # one per DP replica, each before its outputs; the same tokenizer
-                    detok = detok or Detokenizer(AutoTokenizer.from_pretrained(msg.tokenizer_dir))
+                    detok = detok or Detokenizer(load_decoding_tokenizer(msg.tokenizer_dir))
                 elif detok is not None:
                     outs += detok.process(msg).outs
             if outs:
