@@ -6,22 +6,7 @@ longer ends in the replacement character.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
-
-
-def load_decoding_tokenizer(tokenizer_dir: str) -> Any:
-    """The tokenizer the scheduler saved, for decoding only. A fast one (tokenizer.json) loads as
-    PreTrainedTokenizerFast: decoding is that base class's for the fast tokenizers of the models served here
-    (their subclasses change how text is encoded, not how ids are decoded), and importing it does not import
-    torch, which AutoTokenizer's scan of transformers' model packages does: ~4 s of CPU in the detokenizer
-    at start-up, while the scheduler loads its weights on the same cores. A slow-only tokenizer (no
-    tokenizer.json) still goes through AutoTokenizer."""
-    if os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-        from transformers import PreTrainedTokenizerFast
-        return PreTrainedTokenizerFast.from_pretrained(tokenizer_dir, local_files_only=True)
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
 
 
 class IncrementalDetokenizer:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from radixserve.detokenizer import IncrementalDetokenizer, load_decoding_tokenizer
+from radixserve.detokenizer import IncrementalDetokenizer
+from radixserve.saved_tokenizer import load_saved_tokenizer
 from radixserve.server import messages as m
 from radixserve.server.procs import init_child, pull, push
 
@@ -107,7 +108,7 @@ def run_detokenizer(log_level: str, addrs: m.Addresses, parent_pid: int) -> None
             for raw in receive_all(recv):
                 msg = decode(raw)
                 if isinstance(msg, m.DetokInit):  # one per DP replica, each before its outputs; the same tokenizer
-                    detok = detok or Detokenizer(load_decoding_tokenizer(msg.tokenizer_dir))
+                    detok = detok or Detokenizer(load_saved_tokenizer(msg.tokenizer_dir, decode_only=True))
                 elif detok is not None:
                     outs += detok.process(msg).outs
             if outs:

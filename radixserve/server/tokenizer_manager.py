@@ -28,6 +28,7 @@ import zmq.asyncio
 
 from radixserve.core import SamplingParams
 from radixserve.disaggregation.types import BootstrapInfo
+from radixserve.saved_tokenizer import load_saved_tokenizer
 from radixserve.server import messages as m
 from radixserve.server.metrics import Metrics
 from radixserve.server.procs import pull, push
@@ -79,8 +80,7 @@ class TokenizerManager:
             if isinstance(msg, m.Ready):
                 readies[msg.dp_rank] = msg
         self.ready = readies[0]
-        from transformers import AutoTokenizer
-        self.tokenizer = AutoTokenizer.from_pretrained(self.ready.tokenizer_dir)
+        self.tokenizer = load_saved_tokenizer(self.ready.tokenizer_dir)
         return self.ready
 
     async def recv_loop(self) -> None:
