@@ -16,6 +16,20 @@ if TYPE_CHECKING:  # torch is imported where it is used: spawned children re-imp
     import torch
 
 
+#: device nodes without which no GPU can be visible to torch (NVIDIA, WSL's GPU paravirtualisation, ROCm)
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+
+
+def cuda_available() -> bool:
+    """torch.cuda.is_available(), without importing torch on a machine with no GPU device node: the launcher
+    parses its flags before it spawns the scheduler, and importing torch there (~2.5 s on the 2-core test
+    machine) would delay every child's start by as much."""
+    if not any(os.path.exists(node) for node in GPU_DEVICE_NODES):
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
 @dataclass
 class ServerArgs:
     model: str | None = None
@@ -104,12 +118,10 @@ class ServerArgs:
     disaggregation_decode_enable_offload_kvcache: bool = False
 
     def __post_init__(self) -> None:
-        import torch
-
         self.check_supported()
         if self.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and not torch.cuda.is_available():
+            self.device = "cuda" if cuda_available() else "cpu"
+        if self.device == "cuda" and not cuda_available():
             raise ValueError("--device cuda: no CUDA device is visible; use --device cpu")
         if self.attention_backend is None:
             self.attention_backend = "triton" if self.device == "cuda" else "torch"

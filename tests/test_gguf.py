@@ -11,13 +11,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from radixserve.weights.gguf_loader import (
-    _GGUFFile,
-    dequantize,
-    load_gguf_config,
-    load_gguf_tokenizer,
-    load_gguf_weights,
-)
+from radixserve.weights.gguf_loader import _GGUFFile, dequantize, load_gguf_weights
+from radixserve.weights.gguf_meta import load_gguf_config, load_gguf_tokenizer
 
 SHAPE = (6, 1024)  # 2-D, several blocks per row for every block size (32 and 256)
 # Byte offsets of the fp16 scale fields of types gguf cannot quantize: random bytes there could be inf/nan.

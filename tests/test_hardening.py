@@ -266,7 +266,7 @@ def test_context_length_above_model_maximum_is_refused() -> None:
 
 def test_context_length_override_is_explicit() -> None:
     from radixserve.args import ServerArgs
-    from radixserve.engine.model_runner import context_length
+    from radixserve.models.config import context_length
     from radixserve.weights.loader import load_config, resolve_model
     cfg = load_config(resolve_model(None))
     with pytest.raises(ValueError, match="above the model's maximum"):

@@ -26,7 +26,7 @@ from radixserve.kernels import pdl
 from radixserve.kvcache.pool import KVPool, ReqToTokenPool, is_fp8, kv_cache_dtype
 from radixserve.layers.attention import FORWARD_CONTEXT
 from radixserve.layers.quantization import model_weight_bytes, resolve_quant_config
-from radixserve.models.config import ModelConfig
+from radixserve.models.config import ModelConfig, context_length
 from radixserve.models.registry import build_model
 from radixserve.transfer import int64_tensor, to_device
 from radixserve.weights.loader import ModelSource, load_config, load_weights
@@ -49,20 +49,6 @@ def device_memory(device: torch.device) -> tuple[int, int]:
         return torch.cuda.mem_get_info(device)
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"), total
-
-
-def context_length(args: ServerArgs, cfg: ModelConfig) -> int:
-    """--context-length, which may not exceed what the model was trained for unless asked explicitly."""
-    limit = cfg.max_position_embeddings
-    if args.context_length is None:
-        return limit
-    if args.context_length < 1:
-        raise ValueError(f"--context-length must be >= 1, got {args.context_length}")
-    if args.context_length > limit and not args.allow_overwrite_longer_context_len:
-        raise ValueError(f"--context-length {args.context_length} is above the model's maximum "
-                         f"(max_position_embeddings = {limit}); lower it, or pass "
-                         f"--allow-overwrite-longer-context-len to accept possibly degraded output past it")
-    return args.context_length
 
 
 def release_freed_heap() -> None:

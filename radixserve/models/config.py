@@ -2,7 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from radixserve.args import ServerArgs
+
+#: config.json `architectures[0]` values radixserve serves. Qwen2/Qwen3/Mistral differ from Llama only by
+#: switches in ModelConfig (QKV bias, q/k norm, sliding window), and the MoE models by their sparse layers
+#: (ModelConfig.moe), so models/registry.py maps them all to one implementation. Kept here, apart from the
+#: model classes, so that checking a model's config imports no torch (the launcher does it before spawning).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -125,3 +135,17 @@ class MoEConfig:
                    shared_expert_intermediate_size=getattr(hf, "shared_expert_intermediate_size", 0) or 0,
                    decoder_sparse_step=getattr(hf, "decoder_sparse_step", 1) or 1,
                    mlp_only_layers=tuple(getattr(hf, "mlp_only_layers", None) or ()))
+
+
+def context_length(args: ServerArgs, cfg: ModelConfig) -> int:
+    """--context-length, which may not exceed what the model was trained for unless asked explicitly."""
+    limit = cfg.max_position_embeddings
+    if args.context_length is None:
+        return limit
+    if args.context_length < 1:
+        raise ValueError(f"--context-length must be >= 1, got {args.context_length}")
+    if args.context_length > limit and not args.allow_overwrite_longer_context_len:
+        raise ValueError(f"--context-length {args.context_length} is above the model's maximum "
+                         f"(max_position_embeddings = {limit}); lower it, or pass "
+                         f"--allow-overwrite-longer-context-len to accept possibly degraded output past it")
+    return args.context_length

@@ -4,21 +4,11 @@ from __future__ import annotations
 from torch import nn
 
 from radixserve.distributed.group import TPGroup
-from radixserve.models.config import ModelConfig
+from radixserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 from radixserve.models.llama import LlamaForCausalLM
 
-# Qwen2/Qwen3/Mistral differ from Llama only by switches in ModelConfig (QKV bias, q/k norm,
-# sliding window), and the MoE models by their sparse layers (ModelConfig.moe), so they share one
-# implementation instead of seven copies.
-ARCHITECTURES: dict[str, type[nn.Module]] = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-    "Qwen3ForCausalLM": LlamaForCausalLM,
-    "MixtralForCausalLM": LlamaForCausalLM,
-    "Qwen2MoeForCausalLM": LlamaForCausalLM,
-    "Qwen3MoeForCausalLM": LlamaForCausalLM,
-}
+# one implementation with switches for every supported architecture (models/config.py says why)
+ARCHITECTURES: dict[str, type[nn.Module]] = dict.fromkeys(SUPPORTED_ARCHITECTURES, LlamaForCausalLM)
 
 
 def build_model(cfg: ModelConfig, tp: TPGroup, ep_size: int = 1) -> nn.Module:

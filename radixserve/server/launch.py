@@ -121,7 +121,7 @@ def run_scheduler(*args) -> None:
 def check_model(args: ServerArgs) -> None:
     """The model exists, its architecture is supported, its tokenizer is there, --context-length fits it
     and, with TP/DP, it fits the rank layout (heads, GPUs): seconds, not after a load."""
-    from radixserve.engine.model_runner import context_length
+    from radixserve.models.config import context_length
     from radixserve.weights.loader import check_tokenizer, load_config, resolve_hub_model
     src = resolve_hub_model(args)  # a hub id becomes its local snapshot here, once
     cfg = load_config(src)

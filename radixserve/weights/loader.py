@@ -14,13 +14,13 @@ import re
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-from tqdm import tqdm
+from radixserve.models.config import SUPPORTED_ARCHITECTURES, ModelConfig
 
-from radixserve.models.config import ModelConfig
+if TYPE_CHECKING:  # imported where used: resolving and checking a model (the launcher) needs no torch
+    import torch
+    from torch import nn
 
 logger = logging.getLogger(__name__)
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "presets")
@@ -111,7 +111,7 @@ def resolve_hub_model(args: Any) -> ModelSource:
 
 def load_hf_config(src: ModelSource) -> Any:
     if src.kind == "gguf":  # before importing transformers' Auto classes, which a cached GGUF does not need
-        from radixserve.weights.gguf_loader import load_gguf_config
+        from radixserve.weights.gguf_meta import load_gguf_config
         return load_gguf_config(src.path)
     from transformers import AutoConfig
     if src.kind == "preset":
@@ -124,12 +124,11 @@ def load_hf_config(src: ModelSource) -> Any:
 def load_config(src: ModelSource) -> ModelConfig:
     """The model's config, refused with the list of what is supported before any field is read (a GPT-2
     config has no intermediate_size, which would otherwise surface as an AttributeError)."""
-    from radixserve.models.registry import ARCHITECTURES
     hf = load_hf_config(src)
     arch = ModelConfig.architecture_of(hf)
-    if arch not in ARCHITECTURES:
+    if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{src.path}: architecture {arch} is not supported by radixserve; supported: "
-                         f"{', '.join(sorted(ARCHITECTURES))}")
+                         f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}")
     return ModelConfig.from_hf(hf)
 
 
@@ -166,7 +165,7 @@ def load_tokenizer(src: ModelSource, tokenizer_path: str | None = None) -> Any:
             return None
         logger.warning("preset %s has no tokenizer: using the bundled SmolLM2 tokenizer", src.name)
     if src.kind == "gguf":
-        from radixserve.weights.gguf_loader import load_gguf_tokenizer
+        from radixserve.weights.gguf_meta import load_gguf_tokenizer
         return load_gguf_tokenizer(src.path)
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(src.path)
@@ -177,6 +176,7 @@ def iter_safetensors(path: str, progress: bool = True) -> Iterator[tuple[str, to
     reads the whole checkpoint, through the shared page cache; lazy per-rank slices would need the loaders
     to take safetensors slice objects instead of tensors)."""
     from safetensors import safe_open
+    from tqdm import tqdm
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {path}")
@@ -197,6 +197,7 @@ def dummy_weights(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, torch.
     parameters' device (fast for an 8B model on a GPU) and sliced by the weight loaders like a real
     checkpoint, so every TP size and every rank sees the same model, and so do an HF reference or a second
     process fed the same seed."""
+    import torch
     p = next(model.parameters())
     for name, shape in model.checkpoint_shapes().items():
         t = torch.empty(shape, dtype=p.dtype, device=p.device)
@@ -207,9 +208,10 @@ def dummy_weights(model: nn.Module, seed: int = 0) -> Iterator[tuple[str, torch.
         yield name, t.normal_(0.0, 0.02, generator=gen)
 
 
-@torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    model.load_weights(dummy_weights(model, seed))
+    import torch
+    with torch.no_grad():
+        model.load_weights(dummy_weights(model, seed))
 
 
 def load_weights(model: nn.Module, src: ModelSource, load_format: str, seed: int = 0) -> dict[int, tuple[float, float]]:
