@@ -90,11 +90,15 @@ def run(engine: Engine, prompts: list[list[int]], one_at_a_time: bool = False, n
 
 @pytest.mark.parametrize("mode", ["one_at_a_time", "batched", "chunked16", "page16", "page16_chunked16_naive"])
 def test_greedy_matches_hf(engine, prompts, hf_greedy, batched, mode):
-    # one_at_a_time decodes at batch size 1, one request after another (8 x NEW_TOKENS steps): its first
-    # NEW_TOKENS // 2 tokens, which are HF's greedy tokens' first half, cost half of that
-    changes = {"one_at_a_time": dict(one_at_a_time=True, new_tokens=NEW_TOKENS // 2), "batched": {},
-               "chunked16": dict(chunked_prefill_size=16), "page16": dict(page_size=16),
-               "page16_chunked16_naive": dict(page_size=16, chunked_prefill_size=16, cache="naive")}[mode]
+    # batched is the module's fixture (HF's greedy draft, 32 tokens); every other mode runs the batch again, one
+    # float32 decode step a token (one_at_a_time: 8 of them), so it compares the first NEW_TOKENS // 2 of HF's
+    # tokens: every prompt (5-40 tokens) + 16 still crosses a 16-token page, chunking acts on the prompts
+    half = NEW_TOKENS // 2
+    changes = {"one_at_a_time": dict(one_at_a_time=True, new_tokens=half), "batched": {},
+               "chunked16": dict(chunked_prefill_size=16, new_tokens=half),
+               "page16": dict(page_size=16, new_tokens=half),
+               "page16_chunked16_naive": dict(page_size=16, chunked_prefill_size=16, cache="naive",
+                                              new_tokens=half)}[mode]
     n = changes.get("new_tokens", NEW_TOKENS)
     assert (batched if mode == "batched" else run(engine, prompts, **changes)) == [h[:n] for h in hf_greedy]
 
