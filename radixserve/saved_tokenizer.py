@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from typing import Any
 
 BASE_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
@@ -40,14 +39,9 @@ def load_saved_tokenizer(tokenizer_dir: str, decode_only: bool = False) -> Any:
     return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
 
 
-def _import_tokenizer_class() -> None:
+def preload() -> None:
+    """Import transformers' tokenizer class now: the API server and the detokenizer call this while the
+    scheduler loads the model, so that load_saved_tokenizer, once the scheduler is ready, does not spend
+    ~1.2 s importing it on the way to /health. Not on a thread: transformers' lazy module is not safe to
+    import from two threads at once (a concurrent `from transformers import AutoConfig` failed)."""
     from transformers import PreTrainedTokenizerFast  # noqa: F401
-
-
-def preload_in_background() -> threading.Thread:
-    """Import transformers' tokenizer class on a thread while the scheduler loads the model (~1.2 s of the
-    API server's start otherwise spent after the scheduler is ready, on the way to /health); a later
-    load_saved_tokenizer finds the module imported, or waits on Python's import lock for this thread."""
-    t = threading.Thread(target=_import_tokenizer_class, name="tokenizer-preload", daemon=True)
-    t.start()
-    return t

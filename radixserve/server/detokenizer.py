@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import zmq
 
 from radixserve.detokenizer import IncrementalDetokenizer
-from radixserve.saved_tokenizer import load_saved_tokenizer, preload_in_background
+from radixserve.saved_tokenizer import load_saved_tokenizer, preload
 from radixserve.server import messages as m
 from radixserve.server.procs import init_child, pull, push
 
@@ -99,7 +99,7 @@ def run_detokenizer(log_level: str, addrs: m.Addresses, parent_pid: int) -> None
     then translates BatchTokenOut into BatchStrOut forever."""
     init_child(log_level, " DETOK", parent_pid)
     try:
-        preload_in_background()  # the tokenizer class, while the scheduler loads
+        preload()  # the tokenizer class, while the scheduler loads
         ctx = zmq.Context()
         recv, to_api = pull(ctx, addrs.detokenizer), push(ctx, addrs.api)
         decode = m.decoder(m.DetokenizerIn).decode

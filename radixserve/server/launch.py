@@ -49,7 +49,7 @@ import uvicorn
 # transformers (check_model and _serve import them), so their own imports start seconds earlier.
 from radixserve.args import ServerArgs
 from radixserve.distributed.layout import RankSpec, check_layout, describe, plan_ranks
-from radixserve.saved_tokenizer import preload_in_background
+from radixserve.saved_tokenizer import preload as preload_tokenizer_class
 from radixserve.server.detokenizer import run_detokenizer
 from radixserve.server.messages import Addresses
 from radixserve.server.procs import setup_logging
@@ -101,12 +101,12 @@ def launch_server(args: ServerArgs) -> None:
         # process checks the model. A model that fails the check stops them before they load anything.
         for p in procs.values():
             p.start()
-        preload_in_background()  # the tokenizer class, while the scheduler loads
         try:
             check_model(args)
         except (FileNotFoundError, ValueError) as e:
             logger.error(str(e))
             sys.exit(1)  # the finally below stops the children
+        preload_tokenizer_class()  # while the scheduler loads
         code = asyncio.run(_serve(args, addrs, procs, sock))
     finally:
         stop_children(procs)
