@@ -12,7 +12,7 @@ import re
 import pytest
 
 from radixserve.args import ServerArgs
-from radixserve.core import Req, SamplingParams
+from radixserve.core import FinishReason, Req, SamplingParams
 from radixserve.engine_unit import Engine
 from radixserve.scheduler.scheduler import Scheduler
 
@@ -161,21 +161,27 @@ def test_abort_frees_everything(engine):
 def test_overlap_schedule_same_outputs(engine, page_size):
     """Overlap (results of step N processed after step N+1 launched) is the default on GPU; on CPU
     the same code path must give exactly the outputs of the plain loop, including seeded sampling,
-    stop strings, chunking and retraction."""
+    stop strings, chunking and retraction. The 200-token pool with conservativeness 0.05 admits more than
+    fits, so both loops retract; request 3's stop string fires in both."""
     ps = [p[:40 + 7 * i] for i, p in enumerate(prompts(engine, 8, prefix_words=12))]
 
     def reqs():
         out = []
         for i, p in enumerate(ps):
             sp = SamplingParams(temperature=0 if i % 2 else 0.8, seed=i, max_new_tokens=10 + 5 * i,
-                                ignore_eos=True, stop=[" plus"] if i == 3 else [])
+                                ignore_eos=True, stop=[" rule"] if i == 3 else [])
             out.append(Req(p, sp))
         return out
-    kw = dict(page_size=page_size, chunked_prefill_size=32, max_total_tokens=900)
-    ref = drain(sched(engine, **kw), reqs())
+    kw = dict(page_size=page_size, chunked_prefill_size=32, max_total_tokens=200, schedule_conservativeness=0.05)
+    plain = reqs()
+    ref = drain(sched(engine, **kw), plain)
     s = sched(engine, enable_overlap_schedule=True, **kw)
     assert s.overlap
-    assert drain(s, reqs(), check=lambda s: s.cache.check_invariants()) == ref
+    overlapped = reqs()
+    assert drain(s, overlapped, check=lambda s: s.cache.check_invariants()) == ref
+    for rs in (plain, overlapped):
+        assert any(r.retracted for r in rs)
+        assert rs[3].finish_reason == FinishReason.STOP and rs[3].stop_text_len is not None
     assert_pool_clean(s)
 
 
