@@ -181,9 +181,11 @@ class ServerArgs:
         if not 0 < self.disaggregation_waiting_timeout < float("inf"):
             raise ValueError(f"--disaggregation-waiting-timeout must be a positive number of seconds, got "
                              f"{self.disaggregation_waiting_timeout}")
-        if self.disaggregation_mode != "null" and (self.tp_size > 1 or self.dp_size > 1):
-            raise ValueError("--disaggregation-mode with --tp or --dp-size > 1 is not built yet in radixserve: run "
-                             "one server per replica (the gateway balances them) at --tp 1")
+        if self.disaggregation_mode == "prefill" and self.nnodes > 1:
+            # every rank registers its KV sender with the bootstrap server on node 0 as "this host"
+            raise ValueError("--disaggregation-mode prefill with --nnodes > 1 is not built yet in radixserve: the "
+                             "bootstrap server cannot tell the decode side where the ranks of other nodes listen; "
+                             "run the prefill server on one node (a decode server may span nodes)")
         if self.disaggregation_decode_enable_offload_kvcache and (
                 self.disaggregation_mode != "decode" or self.hicache_storage_backend is None
                 or self.hicache_write_policy != "write_through"):

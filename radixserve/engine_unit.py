@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, args: ServerArgs, tp: TPGroup = TPGroup()) -> None:
+    def __init__(self, args: ServerArgs, tp: TPGroup = TPGroup(), dp_rank: int = 0) -> None:
         if tp.size != args.tp_size:
             raise ValueError(f"--tp {args.tp_size} needs one process per rank: serve it with `python -m "
                              f"radixserve --tp {args.tp_size}` or benchmark it with radixserve.bench.offline / "
@@ -25,7 +25,7 @@ class Engine:
         self.src = resolve_model(args.model)
         self.tokenizer = load_tokenizer(self.src, args.tokenizer_path)
         self.runner = ModelRunner(args, self.src, tp)
-        self.scheduler = Scheduler(args, self.runner, self.tokenizer)
+        self.scheduler = Scheduler(args, self.runner, self.tokenizer, dp_rank)
         m = self.runner.memory
         logger.info(f"max_total_num_tokens={m.max_total_num_tokens}, chunked_prefill_size={args.chunked_prefill_size}, "
                     f"max_prefill_tokens={args.max_prefill_tokens}, "

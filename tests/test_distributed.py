@@ -5,11 +5,17 @@ with transformers (hidden 128, 4 heads, 2 KV heads, 2 layers, float32) with the 
 beside it; its vocab is the tokenizer's 49152 so that text prompts work end to end. TP outputs are
 compared with TP=1 token for token under greedy decoding (float32: the only difference is the order of a
 few additions in the all-reduce, far below the gap between the top two logits).
+
+The same servers run PD disaggregation (plain requests, without bootstrap fields, are served as by any server):
+the TP=2 and DP=2 servers are prefill servers, the two-node TP=2 server is a decode server, and a TP=1 decode
+engine runs in this process. TP=2 -> TP=2 moves each rank's KV shard to the rank with its number; DP=2 -> TP=1
+follows the room to its replica; TP=1 -> TP=2 and TP=2 -> TP=1 are refused with both sizes in the error.
 """
 from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +26,12 @@ from conftest import Server, descendants, free_port, start_server, wait_healthy
 from test_server import get_json, post_json, request
 
 from radixserve.args import ServerArgs
+from radixserve.core import Req
+from radixserve.core import SamplingParams as CoreSamplingParams
+from radixserve.disaggregation.types import BootstrapInfo
 from radixserve.distributed.bootstrap import check_layout, describe, plan_ranks
 from radixserve.distributed.group import TPGroup
+from radixserve.engine_unit import Engine
 from radixserve.models.config import ModelConfig
 from radixserve.models.llama import LlamaForCausalLM
 from radixserve.server.router import PREFIX_BLOCK, Router
@@ -61,9 +71,13 @@ def test_args_checks() -> None:
                      ({"tp_size": 2, "nnodes": 4}, "must divide --tp"),
                      ({"dist_init_addr": "x"}, "HOST:PORT"),
                      ({"nnodes": 2, "node_rank": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--node-rank"),
-                     ({"load_balance_method": "random"}, "load-balance")]:
+                     ({"load_balance_method": "random"}, "load-balance"),
+                     ({"disaggregation_mode": "prefill", "tp_size": 2, "nnodes": 2, "dist_init_addr": "h:1"},
+                      "prefill with --nnodes > 1")]:
         with pytest.raises(ValueError, match=text):
             ServerArgs(device="cpu", **kw)
+    for mode in ("prefill", "decode"):  # PD at TP and DP > 1
+        ServerArgs(device="cpu", tp_size=2, dp_size=2, disaggregation_mode=mode)
     assert ServerArgs(device="cpu").load_balance_method == "shortest_queue"
 
 
@@ -132,12 +146,21 @@ def test_offline_bench_tp4_dummy_weights(tiny_model: str, tmp_path: Path) -> Non
 
 # ---- servers ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def servers(tiny_model: str) -> Iterator[dict[str, Server]]:
+def boot() -> dict[str, int]:
+    """The bootstrap ports of the two prefill servers."""
+    return {"tp2": free_port(), "dp2": free_port()}
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model: str, boot: dict[str, int]) -> Iterator[dict[str, Server]]:
     """TP=2, DP=2 and a two-"node" TP=2 (node 1 has no HTTP server), loaded side by side. (TP=1, the reference,
-    is the same engine run in this process: `reference` below.)"""
+    is the same engine run in this process: `reference` below.) PD roles: see the module's docstring."""
     m, addr = ("--model", tiny_model, *COMMON), f"127.0.0.1:{free_port()}"
-    two_nodes = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", addr, "--dist-timeout", "120")
-    out = {"tp2": start_server(*m, "--tp", "2"), "dp2": start_server(*m, "--dp-size", "2"),
+    two_nodes = ("--tp", "2", "--nnodes", "2", "--dist-init-addr", addr, "--dist-timeout", "120",
+                 "--disaggregation-mode", "decode", "--disaggregation-waiting-timeout", "60")
+    prefill = ("--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port")
+    out = {"tp2": start_server(*m, "--tp", "2", *prefill, str(boot["tp2"])),
+           "dp2": start_server(*m, "--dp-size", "2", *prefill, str(boot["dp2"])),
            "node0": start_server(*m, *two_nodes, "--node-rank", "0"),
            "node1": start_server(*m, *two_nodes, "--node-rank", "1")}
     try:
@@ -201,6 +224,92 @@ def test_dp2_spreads_requests(servers: dict[str, Server], reference: dict) -> No
     assert all(st["prompt_tokens_total"] > 0 and st["num_inflight_reqs"] == 0 for st in states)
     assert request(s.base_url, "POST", "/flush_cache")[0] == 200
     assert "scheduler_dp1" in get_json(s.base_url, "/get_server_info")["pids"]
+
+
+# ---- PD disaggregation at TP / DP > 1 ----------------------------------------------------------------------
+def pd_body(prompt: str | list[int], boot_port: int, room: int, params: dict = GREEDY) -> dict:
+    key = "text" if isinstance(prompt, str) else "input_ids"
+    return {key: prompt, "sampling_params": params, "bootstrap_host": "127.0.0.1", "bootstrap_port": boot_port,
+            "bootstrap_room": room}
+
+
+@pytest.fixture(scope="module")
+def decode_engine(tiny_model: str) -> Engine:
+    """A TP=1 decode server's engine, in this process (a second in loading)."""
+    return Engine(ServerArgs(model=tiny_model, device="cpu", chunked_prefill_size=32, max_total_tokens=2048,
+                             disaggregation_mode="decode", disaggregation_waiting_timeout=60))
+
+
+def decode_in_process(engine: Engine, reqs: list[Req], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout  # the KV travels on transfer threads: wait for it, not for a step count
+    while not all(r.finished for r in reqs) and time.monotonic() < deadline:
+        if engine.scheduler.has_work:
+            engine.scheduler.step()
+        time.sleep(0.001)
+
+
+def test_pd_tp2_to_tp2_equals_tp1(servers: dict[str, Server], reference: dict, boot: dict[str, int]) -> None:
+    """Prefill on the TP=2 server, decode on the two-node TP=2 server: each decode rank receives its own KV
+    heads from the prefill rank with its number, the ranks start decoding each request at the same step, and
+    the greedy tokens are TP=1's. Three requests at once, the long one prefilled in chunks."""
+    p, d = servers["tp2"], servers["node0"]
+    with ThreadPoolExecutor(2 * len(PROMPTS)) as pool:
+        pre = [pool.submit(post_json, p.base_url, "/generate", pd_body(t, boot["tp2"], 100 + i))
+               for i, t in enumerate(PROMPTS)]
+        dec = [pool.submit(post_json, d.base_url, "/generate", pd_body(t, boot["tp2"], 100 + i))
+               for i, t in enumerate(PROMPTS)]
+        pre_out, dec_out = [f.result() for f in pre], [f.result() for f in dec]
+    assert [o["output_ids"] for o in dec_out] == reference["greedy"]
+    assert [o["output_ids"] for o in pre_out] == [g[:1] for g in reference["greedy"]]  # prefill stops at token 1
+    st = get_json(d.base_url, "/get_server_info")["internal_states"][0]
+    prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in dec_out)
+    # rank 0's shard: 2 layers x K,V x 1 of the 2 KV heads x head_dim 32 x float32
+    assert st["pd_transfer_bytes"] == prompt_tokens * 2 * 2 * 1 * 32 * 4
+    assert st["num_pd_waiting_reqs"] == 0 and st["kv_used_tokens"] == 0
+
+
+def test_pd_dp2_prefill_follows_the_room(servers: dict[str, Server], reference: dict, boot: dict[str, int],
+                                         decode_engine: Engine) -> None:
+    """Prefill on the DP=2 server, decode on a TP=1 engine: room r is prefilled by replica r % 2, and the decode
+    side finds its KV there."""
+    p = servers["dp2"]
+    routed = [st["num_routed_reqs"] for st in get_json(p.base_url, "/get_server_info")["internal_states"]]
+    sp = CoreSamplingParams(**GREEDY)
+    ids = [decode_engine.tokenizer.encode(t) for t in PROMPTS[:2]]
+    rooms = [10, 21, 31, 41]  # replicas 0, 1, 1, 1
+    reqs = [Req(list(ids[i % 2]), sp, bootstrap=BootstrapInfo("127.0.0.1", boot["dp2"], room))
+            for i, room in enumerate(rooms)]
+    for r in reqs:
+        decode_engine.scheduler.add_request(r)
+    with ThreadPoolExecutor(len(rooms)) as pool:
+        pre = [pool.submit(post_json, p.base_url, "/generate", pd_body(ids[i % 2], boot["dp2"], room))
+               for i, room in enumerate(rooms)]
+        decode_in_process(decode_engine, reqs)
+        [f.result() for f in pre]
+    assert [r.output_ids for r in reqs] == [reference["greedy"][i % 2] for i in range(len(rooms))]
+    after = [st["num_routed_reqs"] for st in get_json(p.base_url, "/get_server_info")["internal_states"]]
+    assert [a - b for a, b in zip(after, routed)] == [1, 3]
+
+
+def test_pd_mismatched_tp_is_refused(servers: dict[str, Server], boot: dict[str, int], decode_engine: Engine) -> None:
+    """TP=1 prefill -> TP=2 decode (the error comes from both decode ranks, answered by rank 0) and TP=2 prefill
+    -> TP=1 decode: the request fails at once with both sizes and the fix; the decode side frees its slots."""
+    d = servers["node0"]
+    start = time.monotonic()
+    status, data = request(d.base_url, "POST", "/generate", pd_body(PROMPTS[0], boot["dp2"], 7))
+    msg = json.loads(data)["error"]["message"]
+    assert status == 500 and time.monotonic() - start < 30, data
+    assert "prefill server runs --tp 1 and this decode server --tp 2" in msg
+    assert "restart the decode server with --tp 1" in msg
+    assert get_json(d.base_url, "/get_server_info")["internal_states"][0]["kv_used_tokens"] == 0
+
+    req = Req(decode_engine.tokenizer.encode(PROMPTS[0]), CoreSamplingParams(**GREEDY),
+              bootstrap=BootstrapInfo("127.0.0.1", boot["tp2"], 8))
+    decode_engine.scheduler.add_request(req)
+    decode_in_process(decode_engine, [req], timeout=30)
+    (failed, err), = decode_engine.scheduler.pd_decode.take_failed()
+    assert failed is req and "prefill server runs --tp 2 and this decode server --tp 1" in str(err)
+    assert decode_engine.scheduler.used_tokens == 0
 
 
 def test_two_nodes_equal_tp1_and_stop_together(servers: dict[str, Server], reference: dict) -> None:

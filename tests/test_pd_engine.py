@@ -1,18 +1,125 @@
 """PD disaggregation between two in-process engines (no HTTP, no gateway): the decode engine's output equals a
 plain run token for token, its prompt's KV came over TCP, and with --disaggregation-decode-enable-offload-kvcache
-its finished KV lands in the HiCache file tier."""
+its finished KV lands in the HiCache file tier. Before them, the pieces of PD at --tp / --dp-size > 1 that need
+no model: the bootstrap registry (rank r to rank r, the DP replica of a room, a mismatched --tp refused) and the
+TP ranks' agreement on arrived transfers. (Servers at --tp 2 on both sides: tests/test_distributed.py.)"""
 from __future__ import annotations
 
+import threading
 import time
 
+import pytest
+import torch
 from conftest import free_port
 
 from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams
-from radixserve.disaggregation.types import BootstrapInfo
+from radixserve.disaggregation.bootstrap import BootstrapServer, lookup, register
+from radixserve.disaggregation.decode_queue import ARRIVED, FAILED, PENDING, verdicts
+from radixserve.disaggregation.types import BootstrapInfo, ParallelMismatch
 from radixserve.engine_unit import Engine
+from radixserve.server.router import Router
 
 COMMON = {"device": "cpu", "max_total_tokens": 1024}
+
+
+def test_bootstrap_routes_each_rank_and_room() -> None:
+    """A --tp 2 --dp-size 2 prefill server: decode rank r of any replica reaches prefill rank r of replica
+    room % 2. Rank 0 of replica 0 starts the server last: the others' registrations wait for it."""
+    port = free_port()
+    regs = [threading.Thread(target=register, args=("127.0.0.1", port, r, None, 9000 + 10 * d + r),
+                             kwargs={"tp_size": 2, "dp_rank": d, "dp_size": 2}) for d in (0, 1) for r in (0, 1)]
+    for t in regs[1:]:
+        t.start()
+    time.sleep(0.3)
+    boot = BootstrapServer("127.0.0.1", port)
+    try:
+        regs[0].start()
+        for t in regs:
+            t.join(10)
+        deadline = time.monotonic() + 5
+        assert [lookup("127.0.0.1", port, r, deadline, room, 2) for room in (6, 7) for r in (0, 1)] == [
+            ("127.0.0.1", 9000), ("127.0.0.1", 9001), ("127.0.0.1", 9010), ("127.0.0.1", 9011)]
+        with pytest.raises(ValueError, match="--tp 2 --dp-size 2 already registered"):
+            register("127.0.0.1", port, 0, None, 9100)  # a second prefill server (tp 1) on the same port
+    finally:
+        boot.close()
+
+
+@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
+def test_bootstrap_refuses_a_mismatched_tp(prefill_tp: int, decode_tp: int) -> None:
+    """At once (no wait for the timeout), naming both sizes and the fix; from every decode rank, also one whose
+    number the prefill server does not have."""
+    boot = BootstrapServer("127.0.0.1", 0)
+    try:
+        for r in range(prefill_tp):
+            register("127.0.0.1", boot.port, r, None, 9000 + r, tp_size=prefill_tp)
+        for r in range(decode_tp):
+            start = time.monotonic()
+            with pytest.raises(ParallelMismatch) as e:
+                lookup("127.0.0.1", boot.port, r, start + 30, 5, decode_tp)
+            assert time.monotonic() - start < 5
+            msg = str(e.value)
+            assert f"prefill server runs --tp {prefill_tp}" in msg and f"decode server --tp {decode_tp}" in msg
+            assert f"restart the decode server with --tp {prefill_tp}" in msg
+    finally:
+        boot.close()
+
+
+def test_tp_ranks_agree_on_arrivals() -> None:
+    """A request decodes once its KV is in on every rank, and fails everywhere once one rank's transfer failed."""
+    table = torch.tensor([[ARRIVED, ARRIVED], [ARRIVED, PENDING], [PENDING, FAILED], [FAILED, ARRIVED],
+                          [PENDING, PENDING]])
+    assert verdicts(table) == [ARRIVED, PENDING, FAILED, FAILED, PENDING]
+
+
+def _agreement_rank(rank: int, init: str) -> None:
+    """Rank `rank` of a real 2-rank gloo group: transfer 0 arrived on both, 1 timed out on rank 1 while rank 0
+    still waits, 2 broke on rank 0 while rank 1 has its KV, 3 is on its way to rank 1."""
+    import torch.distributed as dist
+
+    from radixserve.disaggregation.decode_queue import Agreement
+    from radixserve.disaggregation.tcp import Transfer
+    from radixserve.disaggregation.types import KVPayload, PeerGone, TransferTimeout
+    from radixserve.distributed.group import TPGroup
+    dist.init_process_group("gloo", init_method=init, world_size=2, rank=rank)
+    transfers = [Transfer(room) for room in range(4)]
+
+    def arrive(t: Transfer) -> None:
+        t.payload = KVPayload(torch.zeros(1), 0, 0)
+        t.done.set()
+
+    def fail(t: Transfer, err: Exception) -> None:
+        t.error = err
+        t.done.set()
+
+    arrive(transfers[0])
+    if rank == 1:
+        fail(transfers[1], TransferTimeout("timed out on rank 1"))
+        arrive(transfers[2])
+    else:
+        fail(transfers[2], PeerGone("broke on rank 0"))
+        arrive(transfers[3])
+    out = Agreement(TPGroup(rank, 2, dist.group.WORLD), torch.device("cpu"))(transfers)
+    assert [v for v, _ in out] == [ARRIVED, FAILED, FAILED, PENDING]
+    assert out[0][1] is None and out[3][1] is None
+    other = 1 - rank  # a rank's own error as it was; the other rank's with where it happened and its status
+    own_text, other_text = ("broke on rank 0", "timed out on rank 1") if rank == 0 else ("timed out on rank 1",
+                                                                                        "broke on rank 0")
+    own, theirs = (out[2][1], out[1][1]) if rank == 0 else (out[1][1], out[2][1])
+    assert str(own) == own_text and str(theirs) == f"on decode TP rank {other}: {other_text}"
+    assert theirs.status == (504 if rank == 0 else 502)
+    dist.destroy_process_group()
+
+
+def test_tp_ranks_share_verdicts_and_errors() -> None:
+    torch.multiprocessing.spawn(_agreement_rank, args=(f"tcp://127.0.0.1:{free_port()}",), nprocs=2)
+
+
+def test_router_follows_the_bootstrap_room() -> None:
+    """A PD prefill server's replica is room % dp_size (where its bootstrap server sends the decode side)."""
+    r = Router(2, "shortest_queue")
+    assert [r.route(f"r{room}", [1, 2], 4, room) for room in (7, 9, 4, 2)] == [1, 1, 0, 0]
 
 
 def test_prefill_to_decode_engines(tmp_path) -> None:

@@ -1,8 +1,13 @@
-"""The bootstrap server of a prefill server, and the client the decode side asks it with.
+"""The bootstrap server of a prefill server, and the clients both sides reach it with.
 
-It is a registry, as in SGLang: each prefill rank registers where its KV sender listens (`PUT /route` with
-engine_rank and port), and a decode rank asks `GET /route?engine_rank=R` before it connects. A plain HTTP server
-in a daemon thread: its traffic is one small request per rank at start-up and one per transferred request.
+It is a registry, as in SGLang: each prefill rank registers where its KV sender listens (`PUT /route` with its
+dp_rank, engine_rank (TP rank), port and the server's tp_size and dp_size), and a decode rank asks
+`GET /route?engine_rank=R&room=ROOM&tp_size=T` before it connects: the answer is the sender of TP rank R in the
+DP replica that prefilled the room (room % dp_size, the replica the prefill server routed the request to).
+Each decode rank takes the KV of the prefill rank with its own number, so a decode server whose tp_size is not
+the prefill server's is refused here (HTTP 409), with both sizes in the message. `GET /route?engine_rank=-1`
+answers the prefill server's {tp_size, dp_size}. A plain HTTP server in a daemon thread: its traffic is one
+small request per rank at start-up and one per transferred request and decode rank.
 """
 from __future__ import annotations
 
@@ -15,16 +20,69 @@ import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from radixserve.disaggregation.types import TransferTimeout
+from radixserve.disaggregation.types import ParallelMismatch, TransferTimeout
 
 logger = logging.getLogger(__name__)
 LOOKUP_RETRY_S = 0.2
+REGISTER_TIMEOUT_S = 120.0  # a rank > 0 may register before TP rank 0 of DP replica 0 has its server up
+
+
+def mismatch_message(prefill_tp: int, decode_tp: int) -> str:
+    return (f"the prefill server runs --tp {prefill_tp} and this decode server --tp {decode_tp}: each decode TP "
+            f"rank receives the KV shard of the prefill rank with its number, so both servers need the same --tp; "
+            f"restart the decode server with --tp {prefill_tp} (or the prefill server with --tp {decode_tp})")
+
+
+class Registry:
+    """Who registered, and the answers to lookups; the HTTP handler is a thin shell around it."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[int, int], dict] = {}  # (dp_rank, engine_rank) -> {host, port}
+        self.tp_size: int | None = None
+        self.dp_size: int | None = None
+        self.lock = threading.Lock()
+
+    def add(self, body: dict) -> tuple[int, dict]:
+        tp, dp = int(body.get("tp_size", 1)), int(body.get("dp_size", 1))
+        rank, dp_rank = int(body["engine_rank"]), int(body.get("dp_rank", 0))
+        if not (0 <= rank < tp and 0 <= dp_rank < dp):
+            return 400, {"error": f"rank {rank} of DP replica {dp_rank} is outside --tp {tp} --dp-size {dp}"}
+        with self.lock:
+            if self.tp_size is not None and (tp, dp) != (self.tp_size, self.dp_size):
+                return 409, {"error": f"a prefill server with --tp {self.tp_size} --dp-size {self.dp_size} already "
+                                      f"registered on this bootstrap port, and one with --tp {tp} --dp-size {dp} "
+                                      f"tries to: give each prefill server its own --disaggregation-bootstrap-port"}
+            self.tp_size, self.dp_size = tp, dp
+            self.routes[(dp_rank, rank)] = {"host": body.get("host"), "port": int(body["port"]), "tp_size": tp}
+        return 200, {"ok": True}
+
+    def get(self, query: dict[str, list[str]]) -> tuple[int, dict]:
+        try:
+            rank = int(query.get("engine_rank", ["0"])[0])
+            room = int(query["room"][0]) if "room" in query else None
+            want_tp = int(query["tp_size"][0]) if "tp_size" in query else None
+            dp_group = int(query["target_dp_group"][0]) if "target_dp_group" in query else None
+        except ValueError:
+            return 400, {"error": "engine_rank, room, tp_size and target_dp_group must be integers"}
+        with self.lock:
+            tp, dp = self.tp_size, self.dp_size
+            if tp is None or dp is None:
+                return 404, {"error": "no prefill rank has registered yet"}
+            if rank == -1:
+                return 200, {"tp_size": tp, "dp_size": dp}
+            if want_tp is not None and want_tp != tp:
+                return 409, {"error": mismatch_message(tp, want_tp)}
+            if dp_group is None:
+                dp_group = room % dp if room is not None else 0
+            entry = self.routes.get((dp_group, rank))
+        if entry is None:
+            return 404, {"error": f"prefill rank {rank} of DP replica {dp_group} has not registered"}
+        return 200, entry
 
 
 class BootstrapServer:
     def __init__(self, host: str, port: int) -> None:
-        self.routes: dict[int, dict] = {}
-        routes = self.routes
+        self.registry = registry = Registry()
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:  # no access log on stderr
@@ -42,21 +100,10 @@ class BootstrapServer:
                 url = urllib.parse.urlparse(self.path)
                 if url.path == "/health":
                     self._answer(200, {"ok": True})
-                    return
-                if url.path != "/route":
-                    self._answer(404, {"error": f"no such path {url.path}"})
-                    return
-                q = urllib.parse.parse_qs(url.query)
-                try:
-                    rank = int(q.get("engine_rank", ["0"])[0])
-                except ValueError:
-                    self._answer(400, {"error": "engine_rank must be an integer"})
-                    return
-                entry = routes.get(rank)
-                if entry is None:
-                    self._answer(404, {"error": f"prefill rank {rank} has not registered"})
+                elif url.path == "/route":
+                    self._answer(*registry.get(urllib.parse.parse_qs(url.query)))
                 else:
-                    self._answer(200, entry)
+                    self._answer(404, {"error": f"no such path {url.path}"})
 
             def do_PUT(self) -> None:  # noqa: N802
                 if urllib.parse.urlparse(self.path).path != "/route":
@@ -64,11 +111,9 @@ class BootstrapServer:
                     return
                 try:
                     body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-                    routes[int(body["engine_rank"])] = {"host": body.get("host"), "port": int(body["port"])}
+                    self._answer(*registry.add(body))
                 except (ValueError, KeyError, TypeError) as e:
                     self._answer(400, {"error": f"bad registration: {e}"})
-                    return
-                self._answer(200, {"ok": True})
 
         try:
             self.http = ThreadingHTTPServer((host, port), Handler)
@@ -80,39 +125,75 @@ class BootstrapServer:
         threading.Thread(target=self.http.serve_forever, daemon=True, name="pd-bootstrap").start()
         logger.info(f"PD bootstrap server listening on {host}:{self.port}")
 
+    @property
+    def routes(self) -> dict[tuple[int, int], dict]:
+        return self.registry.routes
+
     def close(self) -> None:
         self.http.shutdown()
         self.http.server_close()
 
 
-def register(host: str, port: int, engine_rank: int, sender_host: str | None, sender_port: int) -> None:
-    """Tell the bootstrap server at host:port where this prefill rank's KV sender listens."""
-    body = json.dumps({"engine_rank": engine_rank, "host": sender_host, "port": sender_port}).encode()
-    req = urllib.request.Request(f"http://{_netloc(host, port)}/route", data=body, method="PUT",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        r.read()
+def register(host: str, port: int, engine_rank: int, sender_host: str | None, sender_port: int, *,
+             tp_size: int = 1, dp_rank: int = 0, dp_size: int = 1, timeout_s: float = REGISTER_TIMEOUT_S) -> None:
+    """Tell the bootstrap server at host:port where this prefill rank's KV sender listens. Retried while the
+    server is not up yet (it runs in TP rank 0 of DP replica 0, which may start after this rank)."""
+    body = json.dumps({"engine_rank": engine_rank, "dp_rank": dp_rank, "tp_size": tp_size, "dp_size": dp_size,
+                       "host": sender_host, "port": sender_port}).encode()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        req = urllib.request.Request(f"http://{_netloc(host, port)}/route", data=body, method="PUT",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                r.read()
+            return
+        except urllib.error.HTTPError as e:  # the server answered: retrying changes nothing
+            raise ValueError(f"the PD bootstrap server at {host}:{port} refused prefill rank {engine_rank}: "
+                             f"{_error_text(e)}") from None
+        except OSError as e:
+            if time.monotonic() + LOOKUP_RETRY_S >= deadline:
+                raise OSError(f"prefill rank {engine_rank} could not register with the PD bootstrap server at "
+                              f"{host}:{port} within {timeout_s:g} s ({e}); is another program on "
+                              f"--disaggregation-bootstrap-port {port}?") from None
+        time.sleep(LOOKUP_RETRY_S)
 
 
-def lookup(host: str, port: int, engine_rank: int, deadline: float) -> tuple[str, int]:
-    """Where prefill rank `engine_rank` behind the bootstrap server host:port sends KV from; retried until
-    `deadline` (time.monotonic) while the server is unreachable or the rank not registered yet."""
-    url = f"http://{_netloc(host, port)}/route?engine_rank={engine_rank}"
+def lookup(host: str, port: int, engine_rank: int, deadline: float, room: int | None = None,
+           tp_size: int | None = None) -> tuple[str, int]:
+    """Where prefill rank `engine_rank` (of the DP replica that prefilled `room`) behind the bootstrap server
+    host:port sends KV from; retried until `deadline` (time.monotonic) while the server is unreachable or the
+    rank not registered yet. `tp_size`: the decode server's; a prefill server of another size raises
+    ParallelMismatch at once."""
+    query = {"engine_rank": engine_rank, **({"room": room} if room is not None else {}),
+             **({"tp_size": tp_size} if tp_size is not None else {})}
+    url = f"http://{_netloc(host, port)}/route?{urllib.parse.urlencode(query)}"
     last = "no answer"
     while True:
         try:
             with urllib.request.urlopen(url, timeout=max(0.1, min(5.0, deadline - time.monotonic()))) as r:
                 entry = json.loads(r.read())
+            if tp_size is not None and int(entry.get("tp_size", tp_size)) != tp_size:
+                raise ParallelMismatch(mismatch_message(int(entry["tp_size"]), tp_size))
             return entry.get("host") or host, int(entry["port"])
         except urllib.error.HTTPError as e:
+            if e.code == 409:
+                raise ParallelMismatch(_error_text(e)) from None
             last = f"HTTP {e.code}"
         except (OSError, ValueError, KeyError) as e:
             last = str(e)
         if time.monotonic() + LOOKUP_RETRY_S >= deadline:
             raise TransferTimeout(f"the PD bootstrap server at {host}:{port} did not tell where prefill rank "
-                                f"{engine_rank} is ({last}); is the prefill server up with "
-                                f"--disaggregation-mode prefill --disaggregation-bootstrap-port {port}?")
+                                  f"{engine_rank} is ({last}); is the prefill server up with "
+                                  f"--disaggregation-mode prefill --disaggregation-bootstrap-port {port}?")
         time.sleep(LOOKUP_RETRY_S)
+
+
+def _error_text(e: urllib.error.HTTPError) -> str:
+    try:
+        return str(json.loads(e.read())["error"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"HTTP {e.code}"
 
 
 def _netloc(host: str, port: int) -> str:

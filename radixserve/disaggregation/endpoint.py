@@ -1,12 +1,14 @@
 """What the scheduler holds in PD mode: one object per side, built from ServerArgs.
 
-Prefill (`--disaggregation-mode prefill`): TP rank 0 runs the bootstrap server on
---disaggregation-bootstrap-port; every rank runs a KV sender and registers it there. `send(req, first_token)`
-copies the prompt's KV out of the pool at once, so the scheduler frees (caches) the slots as for any finished
-request while the sender waits for the decode side.
+Prefill (`--disaggregation-mode prefill`): TP rank 0 of DP replica 0 runs the bootstrap server on
+--disaggregation-bootstrap-port; every rank of every replica runs a KV sender and registers it there.
+`send(req, first_token)` copies this rank's shard of the prompt's KV (its KV heads) out of the pool at once, so
+the scheduler frees (caches) the slots as for any finished request while the sender waits for the decode side.
+Every TP rank schedules the same batches, so every rank offers its shard of the same requests.
 
-Decode (`--disaggregation-mode decode`): `fetch(info, num_tokens)` starts receiving a request's KV into host
-memory; the scheduler has reserved the slots before, and writes the KV into them when the transfer is done.
+Decode (`--disaggregation-mode decode`): `fetch(info, num_tokens)` starts receiving this rank's shard of a
+request's KV, from the prefill rank with the same TP rank, into host memory; the scheduler has reserved the
+slots before, and writes the KV into them once the transfer is done on every rank (decode_queue.py).
 """
 from __future__ import annotations
 
@@ -26,15 +28,18 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillEndpoint:
-    def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0) -> None:
+    def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0, dp_rank: int = 0) -> None:
         self.pool = pool
-        self.bootstrap = BootstrapServer(args.host, args.disaggregation_bootstrap_port) if tp_rank == 0 else None
+        lead = tp_rank == 0 and dp_rank == 0
+        self.bootstrap = BootstrapServer(args.host, args.disaggregation_bootstrap_port) if lead else None
         self.sender = TCPKVSender(args.host, args.disaggregation_waiting_timeout)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         # None: the decode side connects to the host it reached the bootstrap server at (the gateway's
-        # bootstrap_host), which is right whenever this server listens on all interfaces
+        # bootstrap_host), which is right whenever this server listens on all interfaces (every rank runs on
+        # this host: --nnodes > 1 is refused for a prefill server)
         register(host, args.disaggregation_bootstrap_port, tp_rank,
-                 None if args.host in ("0.0.0.0", "::") else args.host, self.sender.port)
+                 None if args.host in ("0.0.0.0", "::") else args.host, self.sender.port,
+                 tp_size=args.tp_size, dp_rank=dp_rank, dp_size=args.dp_size)
 
     def send(self, req: Req, first_token: int) -> None:
         """Offer the prompt's KV (and the first token, sampled here) under the request's room."""
@@ -52,7 +57,7 @@ class PrefillEndpoint:
 
 class DecodeEndpoint:
     def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0) -> None:
-        self.receiver = TCPKVReceiver(tp_rank, args.disaggregation_waiting_timeout, kv_layout(pool))
+        self.receiver = TCPKVReceiver(tp_rank, args.disaggregation_waiting_timeout, kv_layout(pool), args.tp_size)
 
     def fetch(self, info: BootstrapInfo, num_tokens: int) -> Transfer:
         return self.receiver.fetch(info, num_tokens)
@@ -61,9 +66,10 @@ class DecodeEndpoint:
         pass
 
 
-def make_endpoint(args: ServerArgs, pool: KVPool, tp_rank: int = 0) -> PrefillEndpoint | DecodeEndpoint | None:
+def make_endpoint(args: ServerArgs, pool: KVPool, tp_rank: int = 0,
+                  dp_rank: int = 0) -> PrefillEndpoint | DecodeEndpoint | None:
     if args.disaggregation_mode == "prefill":
-        return PrefillEndpoint(args, pool, tp_rank)
+        return PrefillEndpoint(args, pool, tp_rank, dp_rank)
     if args.disaggregation_mode == "decode":
         return DecodeEndpoint(args, pool, tp_rank)
     return None

@@ -164,11 +164,13 @@ class Transfer:
 
 
 class TCPKVReceiver:
-    """Fetches KV for this rank (`engine_rank`: the decode and prefill servers have the same TP layout) into
-    CPU memory, one thread per transfer; the scheduler writes it into its slots."""
+    """Fetches the KV of TP rank `engine_rank` into CPU memory, one thread per transfer; the scheduler writes it
+    into its slots. The prefill server must have this server's `tp_size` (the bootstrap server checks): then its
+    rank `engine_rank` holds exactly the KV heads this rank's pool holds."""
 
-    def __init__(self, engine_rank: int, timeout_s: float, layout: tuple[int, int, int, torch.dtype]) -> None:
-        self.engine_rank, self.timeout_s, self.layout = engine_rank, timeout_s, layout
+    def __init__(self, engine_rank: int, timeout_s: float, layout: tuple[int, int, int, torch.dtype],
+                 tp_size: int = 1) -> None:
+        self.engine_rank, self.timeout_s, self.layout, self.tp_size = engine_rank, timeout_s, layout, tp_size
 
     def fetch(self, info: BootstrapInfo, num_tokens: int) -> Transfer:
         t = Transfer(info.room)
@@ -194,7 +196,7 @@ class TCPKVReceiver:
             t.done.set()
 
     def _receive(self, t: Transfer, info: BootstrapInfo, num_tokens: int, deadline: float) -> KVPayload:
-        host, port = lookup(info.host, info.port, self.engine_rank, deadline)
+        host, port = lookup(info.host, info.port, self.engine_rank, deadline, info.room, self.tp_size)
         sock = socket.create_connection((host, port), timeout=max(0.1, deadline - time.monotonic()))
         t.sock = sock
         with sock:

@@ -63,7 +63,8 @@ IN_BATCH_PREFIX_TOKENS = 32
 
 
 class Scheduler:
-    def __init__(self, args: ServerArgs, runner: ModelRunner, tokenizer: Any = None) -> None:
+    def __init__(self, args: ServerArgs, runner: ModelRunner, tokenizer: Any = None, dp_rank: int = 0) -> None:
+        """`dp_rank`: this engine's replica under --dp-size (a PD prefill rank registers its KV sender under it)."""
         self.args, self.runner, self.tokenizer = args, runner, tokenizer
         self.page_size = args.page_size
         slots = runner.kv_pool.num_slots
@@ -96,7 +97,7 @@ class Scheduler:
                                runner.max_running_requests)
         # PD disaggregation (--disaggregation-mode): a prefill server hands each first token's KV to `pd_prefill`;
         # a decode server's requests wait in `pd_decode` until their KV is in the pool
-        endpoint = make_endpoint(args, runner.kv_pool)
+        endpoint = make_endpoint(args, runner.kv_pool, runner.tp.rank, dp_rank)
         self.pd_prefill = endpoint if isinstance(endpoint, PrefillEndpoint) else None
         self.pd_decode = DecodeQueue(self, endpoint) if isinstance(endpoint, DecodeEndpoint) else None
         self.grammar: GrammarMasks | None = None

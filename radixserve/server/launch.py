@@ -207,7 +207,7 @@ async def _serve(args: ServerArgs, addrs: Addresses, procs: dict[str, BaseProces
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     failures: list[str] = []
-    tm = TokenizerManager(addrs, args.dp_size, args.load_balance_method)
+    tm = TokenizerManager(addrs, args.dp_size, args.load_balance_method, args.disaggregation_mode == "prefill")
     server: list[_Server] = []
     tasks: list[asyncio.Future] = []
 

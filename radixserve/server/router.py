@@ -11,6 +11,9 @@ its load figures are exact without asking the schedulers:
   prefix                    the replica that served the longest common prefix before, where the radix
                             cache most likely still holds it; shortest_queue for a prefix never seen, or
                             when the preferred replica is far busier than the least busy one.
+
+A PD prefill server overrides the method for a request that carries a bootstrap room: replica room % N
+(SGLang's follow_bootstrap_room), the replica its bootstrap server points the decode side to.
 """
 from __future__ import annotations
 
@@ -40,9 +43,11 @@ class Router:
         self.turn = 0
         self.prefixes: OrderedDict[int, int] = OrderedDict()  # block hash → replica
 
-    def route(self, rid: str, ids: list[int], max_new_tokens: int) -> int:
+    def route(self, rid: str, ids: list[int], max_new_tokens: int, room: int | None = None) -> int:
         if self.n == 1:
             d = 0
+        elif room is not None:
+            d = room % self.n
         elif self.method == "round_robin":
             d, self.turn = self.turn, (self.turn + 1) % self.n
         elif self.method == "prefix":

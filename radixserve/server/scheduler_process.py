@@ -190,7 +190,7 @@ def run_scheduler(args: ServerArgs, addrs: m.Addresses | None, parent_pid: int, 
     try:
         tp, cpu_group = init_rank(args, spec, local_ranks)
         try:
-            engine = Engine(host_share(args, local_ranks), tp)
+            engine = Engine(host_share(args, local_ranks), tp, spec.dp_rank)
         except (FileNotFoundError, ValueError) as e:
             # the model or a flag (a missing tokenizer, an unsupported architecture, a context length): the
             # message names the fix, as the launcher's own check says it; this child may get there first

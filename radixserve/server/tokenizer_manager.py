@@ -52,9 +52,11 @@ class RequestError(Exception):
 
 
 class TokenizerManager:
-    def __init__(self, addrs: m.Addresses, dp_size: int = 1, load_balance_method: str = "shortest_queue"
-                 ) -> None:
-        """With --dp-size N there is one scheduler socket per replica and `router` picks one per request."""
+    def __init__(self, addrs: m.Addresses, dp_size: int = 1, load_balance_method: str = "shortest_queue",
+                 follow_bootstrap_room: bool = False) -> None:
+        """With --dp-size N there is one scheduler socket per replica and `router` picks one per request
+        (`follow_bootstrap_room`, a PD prefill server: a request's room picks it, see router.py)."""
+        self.follow_bootstrap_room = follow_bootstrap_room
         self.actx, self.ctx = zmq.asyncio.Context(), zmq.Context()
         self.recv = pull(self.actx, addrs.api)
         self.to_scheds = [push(self.ctx, addrs.scheduler_of(d)) for d in range(dp_size)]
@@ -149,7 +151,8 @@ class TokenizerManager:
         timer = self.metrics.timer(len(rids)) if self.metrics is not None else None
         try:
             for i, (r, ids, sp) in enumerate(zip(rids, prompts, params)):
-                d = self.router.route(r, ids, sp.max_new_tokens)
+                room = bootstraps[i].room if bootstraps and self.follow_bootstrap_room else None
+                d = self.router.route(r, ids, sp.max_new_tokens, room)
                 self.to_scheds[d].send(m.encode(m.GenerateReq(r, ids, sp, bootstraps[i] if bootstraps else None)))
             while pending:
                 i, out = await q.get()
