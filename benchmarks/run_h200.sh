@@ -36,6 +36,10 @@
 #   hicache8k   the same with 8,192-token first contexts and a 24,576-token device pool (4.3x)
 #   gemvchain   the GEMV tile sweep with each GEMV behind a PDL-triggering RMSNorm, as in a decode step
 #               (what kernels.fp8.GEMV_TABLE holds)
+#   prefillprof the host time of a concurrency-1 prefill (16 / 128 / 512 tokens), eager and with piecewise graphs,
+#               with cProfile's top functions (issue 14: where the 17 ms "prefill launch" hop goes)
+#   burst2k     256 requests at once with --chunked-prefill-size 2048, --enable-mixed-chunk vs without (issue 14's
+#               ITL p99 <= 100 ms at >= 95 % of the throughput)
 # Every JSON lands in OUTDIR with device, commit and command inside.
 set -uo pipefail
 OUT=${1:?usage: run_h200.sh OUTDIR STAGES}
@@ -166,5 +170,41 @@ PYEOF
     tail -n 20 "$OUT/server_piecewise.log" "$OUT/server_eager.log"
   fi
   kill $PA $PB 2>/dev/null; wait $PA $PB 2>/dev/null
+fi
+if has prefillprof; then
+  PP="python benchmarks/prefill_host_profile.py $M8 --max-total-tokens 65536 --cuda-graph-max-bs 8 --top 40"
+  run 150 $PP --output "$OUT/prefill_host_profile_eager_llama8b_h200.json"
+  run 200 $PP --enable-piecewise-cuda-graph --piecewise-cuda-graph-max-tokens 1024 \
+    --output "$OUT/prefill_host_profile_piecewise_llama8b_h200.json"
+fi
+if has burst2k; then
+  S="python -m radixserve $M8 $TOK --max-total-tokens 250000 --chunked-prefill-size 2048 --enable-metrics \
+    --decode-log-interval 200"
+  $S --port 30021 --enable-mixed-chunk >"$OUT/server_burst2k_mixed.log" 2>&1 &
+  QA=$!
+  $S --port 30022 >"$OUT/server_burst2k_plain.log" 2>&1 &
+  QB=$!
+  up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.5; done
+         echo "server on $1 did not come up"; return 1; }
+  if up 30021 && up 30022; then
+    for i in 1 2; do  # each pair on fresh prompts (seed i on both): the ratio within a pair vs the noise between them
+      for name in mixed plain; do
+        port=$([[ $name == mixed ]] && echo 30021 || echo 30022)
+        timeout 90 python -m radixserve.bench.serving --quiet --port $port --num-prompts 256 --random-input-len 1024 \
+          --random-output-len 256 --random-range-ratio 0.5 --slo-ttft 2000 --slo-tpot 50 --seed $i \
+          --output "$OUT/serving_llama8b_burst256_chunk2048_${name}_$i.json"
+      done
+    done
+  else
+    tail -n 20 "$OUT/server_burst2k_mixed.log" "$OUT/server_burst2k_plain.log"
+  fi
+  kill $QA $QB 2>/dev/null; wait $QA $QB 2>/dev/null
+  python - "$OUT" <<'PYEOF'
+import glob, json, os, sys
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "serving_llama8b_burst256_chunk2048_*.json"))):
+    m = json.load(open(f))
+    print(os.path.basename(f), {k: round(m[k], 2) for k in ("output_throughput", "median_itl_ms", "p99_itl_ms",
+          "max_itl_ms", "median_ttft_ms", "p99_ttft_ms") if k in m})
+PYEOF
 fi
 ls -la "$OUT"

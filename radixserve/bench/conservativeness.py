@@ -79,6 +79,9 @@ class RunResult:
     decode_steps: int
     token_usage_queued_mean: float  # decode steps with #queue-req > 0
     token_usage_queued_late: float  # the same over the second half of those steps (after the ramp-up)
+    # the same from one controller window after auto's last change (the value it settled at, once the pool
+    # has filled to it; fixed: all of them)
+    token_usage_settled: float
     token_usage_mean: float
     running_mean: float
     retraction_events: int
@@ -116,13 +119,17 @@ def run(engine: Engine, value: str | float, reqs: list[tuple[list[int], Sampling
     log.setLevel(logging.INFO)
     batch = [Req(list(ids), sp) for ids, sp in reqs]
     usage_q, usage_all, running = [], [], []
+    settled_from = 0  # index into usage_q where the last conservativeness change took effect
     t0, c0 = time.perf_counter(), time.process_time()
     try:
         for r in batch:
             s.add_request(r)
         while s.has_work:
             steps = s.stats.decode_steps
+            changes = len(handler.lines)
             s.step()
+            if len(handler.lines) > changes:
+                settled_from = len(usage_q) + s.args.decode_log_interval
             if s.stats.decode_steps > steps:  # a decode step ran: sample what its log line would show
                 u = s.stats.token_usage(s.used_tokens)
                 usage_all.append(u)
@@ -139,6 +146,7 @@ def run(engine: Engine, value: str | float, reqs: list[tuple[list[int], Sampling
         output_tok_s=round(tokens / dt, 2), output_tok_per_cpu_s=round(tokens / cpu, 2),
         decode_steps=s.stats.decode_steps, token_usage_queued_mean=round(mean(usage_q), 3) if usage_q else 0.0,
         token_usage_queued_late=round(mean(usage_q[len(usage_q) // 2:]), 3) if usage_q else 0.0,
+        token_usage_settled=round(mean(usage_q[settled_from:]), 3) if usage_q[settled_from:] else 0.0,
         token_usage_mean=round(mean(usage_all), 3) if usage_all else 0.0,
         running_mean=round(mean(running), 1) if running else 0.0,
         retraction_events=handler.retractions, retracted_reqs=s.stats.num_retractions,

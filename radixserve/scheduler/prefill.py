@@ -25,16 +25,22 @@ class PrefillAdder:
     rem_chunk: int
     page_size: int
     slots_left: int  # request rows (max_running_requests) still free
+    # The share of a new request's max_new_tokens counted against the pool at admission. SGLang's rule,
+    # and every fixed --schedule-conservativeness: 1.0, so a request is admitted only where it could run to
+    # its limit. `auto` passes the running requests' new_token_ratio (see Scheduler._admission_ratio).
+    new_req_ratio: float = 1.0
     admitted: list[Req] = field(default_factory=list)
     chunked: Req | None = None
 
-    def add(self, req: Req, prefix_len: int) -> bool:
-        """Try to admit `req` whose first `prefix_len` tokens are cached. Sets req.extend_len.
+    def add(self, req: Req, prefix_len: int, locked: int = 0) -> bool:
+        """Try to admit `req` whose first `prefix_len` tokens are cached; `locked` of them were evictable
+        (counted in rem_total) until the request locked them. Sets req.extend_len.
         Returns False when the batch is full (stop trying further requests)."""
         if self.slots_left <= 0 or self.rem_chunk <= 0 or self.chunked is not None:
             return False
         extend = req.seqlen - prefix_len
-        if extend + min(req.remaining_new_tokens, CLIP_MAX_NEW_TOKENS) > self.rem_total:
+        future = min(req.remaining_new_tokens, CLIP_MAX_NEW_TOKENS) * self.new_req_ratio
+        if extend + future + locked > self.rem_total:
             return False
         if extend > self.rem_input and self.admitted:
             return False
@@ -46,7 +52,7 @@ class PrefillAdder:
         req.extend_len = extend
         self.admitted.append(req)
         self.slots_left -= 1
-        self.rem_total -= extend + min(req.remaining_new_tokens, CLIP_MAX_NEW_TOKENS)
+        self.rem_total -= extend + future + locked
         self.rem_input -= extend
         self.rem_chunk -= extend
         return True

@@ -280,6 +280,18 @@ class Scheduler:
     def _mix_decode(self) -> bool:
         return self.args.enable_mixed_chunk and bool(self.running) and bool(self.waiting or self.chunked)
 
+    def _admission_ratio(self) -> float:
+        """The share of a new request's max_new_tokens that admission counts against the pool.
+
+        A fixed --schedule-conservativeness keeps SGLang's rule: 1.0, a new request must find room for its
+        whole max_new_tokens, and only running requests are discounted by new_token_ratio. That rule caps
+        token usage at (pool - max_new_tokens - reserve) / pool; on the guide's early-stopping workload
+        (max_new_tokens 1024, EOS after ~100) it held the H200 run at 0.72 with the ratio at its floor.
+        `auto` counts a new request like a running one, at new_token_ratio, because the controller already
+        owns the risk that discount takes: a pool that fills retracts, the retraction resets the ratio from
+        the running requests' progress, and more than one retraction a minute raises the conservativeness."""
+        return self.new_token_ratio if self.auto_conservativeness is not None else 1.0
+
     def _schedule_prefill(self, mixed: int = 0) -> list[Req]:
         """`mixed`: running requests whose decode step joins this batch; they take that much of the
         batch's token budgets (SGLang's rule)."""
@@ -292,7 +304,8 @@ class Scheduler:
             rem_total=self.allocator.free_tokens + self.cache.evictable_size - reserve,
             rem_input=self.args.max_prefill_tokens - mixed,
             rem_chunk=max(self.args.chunked_prefill_size - mixed, self.page_size),
-            page_size=self.page_size, slots_left=self.max_running - len(self.running) - (self.chunked is not None))
+            page_size=self.page_size, slots_left=self.max_running - len(self.running) - (self.chunked is not None),
+            new_req_ratio=self._admission_ratio())
         batch: list[Req] = []
         if self.chunked is not None:  # continue the cut prompt before admitting anything new
             req, self.chunked = self.chunked, None
@@ -325,12 +338,17 @@ class Scheduler:
             head = tuple(req.origin_input_ids[:IN_BATCH_PREFIX_TOKENS])
             if self.args.schedule_policy == "lpm" and match.length < IN_BATCH_PREFIX_TOKENS and head in in_batch:
                 continue
-            if not adder.add(req, match.length):
+            # Locking the matched prefix takes its unlocked part out of the evictable tokens the budget
+            # counted (SGLang locks before its check too); without this, requests whose prompts were
+            # cached and unlocked were admitted twice over on those tokens.
+            evictable = self.cache.evictable_size
+            self.cache.inc_lock(match.node)
+            if not adder.add(req, match.length, locked=evictable - self.cache.evictable_size):
+                self.cache.dec_lock(match.node)
                 break
             if len(head) == IN_BATCH_PREFIX_TOKENS:
                 in_batch.add(head)
             req.last_node, req.cached_len = match.node, match.length
-            self.cache.inc_lock(match.node)
             req.req_pool_idx = self.req_to_token.alloc()
             req.slots = match.slots.tolist()
             if match.length:
