@@ -38,6 +38,8 @@
 #               (what kernels.fp8.GEMV_TABLE holds)
 #   prefillprof the host time of a concurrency-1 prefill (16 / 128 / 512 tokens), eager and with piecewise graphs,
 #               with cProfile's top functions (issue 14: where the 17 ms "prefill launch" hop goes)
+#   pwdiag      kernel tables of one 512-token prefill, eager and with piecewise graphs (why piecewise's device
+#               time was longer there)
 #   burst2k     256 requests at once with --chunked-prefill-size 2048, --enable-mixed-chunk vs without (issue 14's
 #               ITL p99 <= 100 ms at >= 95 % of the throughput)
 # Every JSON lands in OUTDIR with device, commit and command inside.
@@ -101,8 +103,8 @@ has nano06 && run 90 python -m radixserve.bench.offline --model qwen3-0.6b --loa
   --output "$OUT/offline_nanovllm_qwen3_0.6b_h200.json"
 has nano8b && run 120 python -m radixserve.bench.offline $M8 --workload nanovllm \
   --output "$OUT/offline_nanovllm_llama8b_h200.json"
-has conserv && run 240 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
-  --num-prompts 2048 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
+has conserv && run 400 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
+  --num-prompts 4096 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
   --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b.json"
 has conservmixed && run 240 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
   --num-prompts 2048 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
@@ -176,6 +178,13 @@ if has prefillprof; then
   run 150 $PP --output "$OUT/prefill_host_profile_eager_llama8b_h200.json"
   run 200 $PP --enable-piecewise-cuda-graph --piecewise-cuda-graph-max-tokens 1024 \
     --output "$OUT/prefill_host_profile_piecewise_llama8b_h200.json"
+fi
+if has pwdiag; then
+  GI="python -m radixserve.bench.gpu_idle $M8 --kernel-table 25 --phase prefill --batch-size 1 --input-len 512 \
+    --steps 8 --cuda-graph-max-bs 8"
+  run 120 $GI --output "$OUT/diag_prefill_1x512_eager.json"
+  run 200 $GI --enable-piecewise-cuda-graph --piecewise-cuda-graph-max-tokens 1024 \
+    --output "$OUT/diag_prefill_1x512_piecewise.json"
 fi
 if has burst2k; then
   S="python -m radixserve $M8 $TOK --max-total-tokens 250000 --chunked-prefill-size 2048 --enable-metrics \

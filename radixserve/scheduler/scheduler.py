@@ -30,7 +30,7 @@ from radixserve.grammar.backend import create_backend
 from radixserve.grammar.masks import GrammarMasks
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.scheduler.cache_factory import make_cache
-from radixserve.scheduler.conservativeness import AutoConservativeness
+from radixserve.scheduler.conservativeness import RECOVERY_STEPS, AutoConservativeness
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
@@ -452,9 +452,8 @@ class Scheduler:
             # A fixed value decays from here at its own schedule's rate, (init - min) / 600 per step, which at
             # the low values auto reaches (0.02: 2e-5) would hold the post-retraction ratio for the rest of
             # the run (on the H200 early-stopping run: token usage 0.55 for 1,300 steps after one
-            # retraction). Auto returns to its floor within NEW_TOKEN_RATIO_DECAY_STEPS decode steps instead.
-            self.ratio_decay = max(self.ratio_decay,
-                                   (self.new_token_ratio - self.min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS)
+            # retraction). Auto returns to its floor within RECOVERY_STEPS decode steps instead.
+            self.ratio_decay = max(self.ratio_decay, (self.new_token_ratio - self.min_ratio) / RECOVERY_STEPS)
 
     def _retract(self, req: Req) -> None:
         """Hand the request's KV to the cache and put it back in the queue; it will re-prefill
