@@ -38,6 +38,7 @@
 #               (what kernels.fp8.GEMV_TABLE holds)
 #   prefillprof the host time of a concurrency-1 prefill (16 / 128 / 512 tokens), eager and with piecewise graphs,
 #               with cProfile's top functions (issue 14: where the 17 ms "prefill launch" hop goes)
+#   pwtest      the piecewise-graph GPU test (graphs vs the same pieces eagerly vs the eager model)
 #   pwdiag      kernel tables of one 512-token prefill, eager and with piecewise graphs (why piecewise's device
 #               time was longer there)
 #   burst2k     256 requests at once with --chunked-prefill-size 2048, --enable-mixed-chunk vs without (issue 14's
@@ -179,6 +180,7 @@ if has prefillprof; then
   run 200 $PP --enable-piecewise-cuda-graph --piecewise-cuda-graph-max-tokens 1024 \
     --output "$OUT/prefill_host_profile_piecewise_llama8b_h200.json"
 fi
+has pwtest && run 200 python -m pytest -q -rf tests/gpu/test_piecewise_gpu.py
 if has pwdiag; then
   GI="python -m radixserve.bench.gpu_idle $M8 --kernel-table 25 --phase prefill --batch-size 1 --input-len 512 \
     --steps 8 --cuda-graph-max-bs 8"

@@ -70,6 +70,9 @@ def test_one_retraction_a_minute_holds_two_raise_and_then_it_settles():
     change = window(c, 0.99, 5, clock)
     assert change is not None and change.new == pytest.approx(0.49 * 1.3) and "2 retractions" in change.reason
     assert str(change).startswith("schedule_conservativeness auto: 0.49 -> 0.637 (")
+    # the same two retractions stay in the minute: answered once, not raised again every window (on the H200
+    # the first, stale, version raised 0.014 -> 2.0 in 18 windows after two retractions)
+    assert window(c, 0.99, 5, clock) is None and c.value == pytest.approx(0.637)
     clock.t += 61  # the retractions age out of the minute: lowering resumes, but not below the value that
     for _ in range(5):  # stopped them, until the cooldown ends
         window(c, 0.935, 5, clock)

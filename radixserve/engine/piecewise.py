@@ -29,6 +29,7 @@ import torch
 from torch import fx
 
 from radixserve.forward_batch import ForwardBatch
+from radixserve.kernels.fused import opaque_trace
 from radixserve.layers.attention import FORWARD_CONTEXT
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,8 @@ class PiecewiseRunner:
         st.mode, st.bucket = ("replay" if n in self.captured else "eager"), n
         self.replays += st.mode == "replay"
         try:
-            return self.compiled(ids, pos)[:t]
+            with opaque_trace():  # a retrace (a new shape guard) must see the same ops
+                return self.compiled(ids, pos)[:t]
         finally:
             st.mode = "eager"
 
@@ -192,7 +194,8 @@ class PiecewiseRunner:
                 st.bucket = n
                 for mode in ("eager", "capture"):  # eager first: cuBLAS/Triton pick their kernels outside
                     st.mode = mode
-                    self.compiled(ids, pos)
+                    with opaque_trace():
+                        self.compiled(ids, pos)
             st.mode = "eager"
             self.captured.add(n)
         torch.cuda.synchronize()

@@ -6,12 +6,13 @@ it, e.g. to 0.3); retractions more often than about once a minute mean it reserv
 e.g. to 1.3). This controller reads the same numbers once per decode log interval and makes the same
 moves in steps, within bounds:
 
-  * two or more retractions in the last minute -> raise by x1.3, and do not go below the new value for
-    COOLDOWN_S (so that it settles instead of oscillating around the value that retracted);
+  * two or more retractions in the last minute, one of them new since the last window -> raise by x1.3,
+    and do not go below the new value for COOLDOWN_S (so that it settles instead of oscillating around the
+    value that retracted); the same retractions do not raise it again while they stay in the minute;
   * no retraction in the last minute, mean token usage < TARGET_USAGE (0.95, aiming above the guide's 0.9)
     and requests waiting on most steps -> lower by the factor that would shrink the unused share of the pool
-    to the aim's, (1 - 0.95) /
-    (1 - usage), taken between x0.7^3 and x0.7 (the unused share is mostly the reservation, which is
+    to the aim's, (1 - 0.95) / (1 - usage), taken between x0.7^3 and x0.7 (the unused share is mostly the
+    reservation, which is
     proportional to the value; a pool used at 5 % gains nothing from small steps, and a burst of requests
     ends before they arrive);
   * otherwise (one retraction a minute is acceptable, or no queue to admit from) -> keep.
@@ -65,6 +66,7 @@ class AutoConservativeness:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.value, self.bounds, self.window, self.clock = start, bounds, max(window_steps, 1), clock
         self.retractions: deque[float] = deque()
+        self.new_retractions = 0  # since the last window: a raise answers each new retraction once
         self.floor, self.floor_until = bounds[0], 0.0
         self._reset()
 
@@ -73,6 +75,7 @@ class AutoConservativeness:
 
     def on_retract(self) -> None:
         self.retractions.append(self.clock())
+        self.new_retractions += 1
 
     def on_decode(self, usage: float, queued: int) -> Change | None:
         """Record one decode step; at the end of each window return the change it makes, if any."""
@@ -87,7 +90,10 @@ class AutoConservativeness:
         recent, usage_mean, queued_share = len(self.retractions), self.usage_sum / self.steps, \
             self.queued_steps / self.steps
         self._reset()
+        new_retractions, self.new_retractions = self.new_retractions, 0
         lo, hi = self.bounds
+        if recent > ACCEPTABLE_RETRACTIONS and not new_retractions:
+            return None  # already answered: the same retractions in the minute must not raise it every window
         if recent > ACCEPTABLE_RETRACTIONS:
             new = min(self.value * RAISE, hi)
             self.floor, self.floor_until = new, now + COOLDOWN_S
