@@ -105,7 +105,7 @@ has nano06 && run 90 python -m radixserve.bench.offline --model qwen3-0.6b --loa
 has nano8b && run 120 python -m radixserve.bench.offline $M8 --workload nanovllm \
   --output "$OUT/offline_nanovllm_llama8b_h200.json"
 has conserv && run 400 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
-  --num-prompts 4096 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
+  --num-prompts 4096 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 40 --cuda-graph-max-bs 256 \
   --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b.json"
 has conservmixed && run 240 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
   --num-prompts 2048 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \

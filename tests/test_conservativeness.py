@@ -135,10 +135,10 @@ def test_eos_every_stops_sampled_requests_at_a_random_share_of_the_vocabulary(en
     assert all(out[-1] in ids for out in res.outputs)
 
 
-def test_auto_returns_to_its_floor_within_200_steps_after_a_retraction(engine):
+def test_auto_returns_to_its_floor_within_300_steps_after_a_retraction(engine):
     """After a retraction the ratio is reset from the running requests' progress. A fixed value then decays
     at its own schedule's rate, (init - min) / 600 a step: at auto's floor (0.02) that is 2e-5, which would
-    hold the reset ratio for thousands of steps. Auto returns to its floor within RECOVERY_STEPS (200)."""
+    hold the reset ratio for thousands of steps. Auto returns to its floor within RECOVERY_STEPS (300)."""
     from radixserve.core import Req, SamplingParams
     from radixserve.scheduler.conservativeness import RECOVERY_STEPS
     from radixserve.scheduler.scheduler import NEW_TOKEN_RATIO_DECAY_STEPS, Scheduler
@@ -164,6 +164,6 @@ def test_auto_returns_to_its_floor_within_200_steps_after_a_retraction(engine):
             s.step()
     ratio, floor, decay = results["auto"]
     assert ratio > 10 * floor  # the reset ratio is far above the floor ...
-    assert ratio - RECOVERY_STEPS * decay <= floor + 1e-9  # ... and auto is back within 200 steps
+    assert ratio - RECOVERY_STEPS * decay <= floor + 1e-9  # ... and auto is back within 300 steps
     ratio, floor, decay = results[BOUNDS[0]]
     assert ratio - NEW_TOKEN_RATIO_DECAY_STEPS * decay > 10 * floor  # a fixed 0.02 keeps SGLang's slow schedule

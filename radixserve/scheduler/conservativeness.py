@@ -47,8 +47,9 @@ QUEUED_SHARE = 0.5  # "#queue-req > 0 frequently": on at least half the steps of
 COOLDOWN_S = 300.0
 # After a retraction the scheduler resets new_token_ratio from the running requests' progress (SGLang's rule);
 # auto brings it back to its floor within this many decode steps. At SGLang's 600 the H200 early-stopping run
-# (1,054 decode steps) spent 600 of them after its one retraction at token usage ~0.8.
-RECOVERY_STEPS = 200
+# (1,054 decode steps) spent 600 of them after its one retraction at token usage ~0.8; at 200 the pool, refilled
+# with the retracted (young) requests, retracted a second time ~400 steps later.
+RECOVERY_STEPS = 300
 
 
 @dataclass

@@ -191,6 +191,10 @@ class Scheduler:
         self.ratio_decay = (self.init_ratio - self.min_ratio) / NEW_TOKEN_RATIO_DECAY_STEPS
         if old:
             self.new_token_ratio = min(max(self.new_token_ratio * value / old, self.min_ratio), 1.0)
+        if old and self.auto_conservativeness is not None:
+            # a raise right after a retraction must not put auto back on the slow schedule (at 0.018 the
+            # H200 run's reset ratio of 0.15 would have taken ~8,000 steps to decay: usage 0.43 throughout)
+            self.ratio_decay = max(self.ratio_decay, (self.new_token_ratio - self.min_ratio) / RECOVERY_STEPS)
 
     # ---- one scheduling step ------------------------------------------------------------------
     def step(self) -> list[Req]:
@@ -453,7 +457,7 @@ class Scheduler:
             # the low values auto reaches (0.02: 2e-5) would hold the post-retraction ratio for the rest of
             # the run (on the H200 early-stopping run: token usage 0.55 for 1,300 steps after one
             # retraction). Auto returns to its floor within RECOVERY_STEPS decode steps instead.
-            self.ratio_decay = max(self.ratio_decay, (self.new_token_ratio - self.min_ratio) / RECOVERY_STEPS)
+            self.set_conservativeness(self.conservativeness)
 
     def _retract(self, req: Req) -> None:
         """Hand the request's KV to the cache and put it back in the queue; it will re-prefill
