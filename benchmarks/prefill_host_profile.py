@@ -12,7 +12,6 @@ functions by own time and by cumulative time say which Python the host time is s
 from __future__ import annotations
 
 import cProfile
-import json
 import pstats
 import time
 from statistics import median

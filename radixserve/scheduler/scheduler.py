@@ -30,7 +30,7 @@ from radixserve.grammar.backend import create_backend
 from radixserve.grammar.masks import GrammarMasks
 from radixserve.kvcache.allocator import PageAllocator
 from radixserve.scheduler.cache_factory import make_cache
-from radixserve.scheduler.conservativeness import RECOVERY_STEPS, AutoConservativeness
+from radixserve.scheduler.conservativeness import RECOVERY_STEPS, RETRACT_RATIO_FACTOR, AutoConservativeness
 from radixserve.scheduler.policy import order_waiting
 from radixserve.scheduler.prefill import PrefillAdder, reserved_tokens
 from radixserve.scheduler.stats import SchedulerStats
@@ -448,8 +448,14 @@ class Scheduler:
         total_decoded = sum(len(r.output_ids) for r in self.running)
         total_max_new = sum(r.sampling_params.max_new_tokens for r in self.running)
         old = self.new_token_ratio
-        self.new_token_ratio = min(1.0, (total_decoded + RETRACT_DECODE_STEPS * len(self.running))
-                                   / (total_max_new + 1))
+        if self.auto_conservativeness is None:
+            self.new_token_ratio = min(1.0, (total_decoded + RETRACT_DECODE_STEPS * len(self.running))
+                                       / (total_max_new + 1))
+        else:
+            # SGLang's reset above assumes the running requests go on to their max_new_tokens: on the H200
+            # early-stopping run it put the ratio at 0.09-0.15 (a reservation of most of the pool) after each
+            # retraction. Auto doubles the ratio instead and lets the controller raise its value.
+            self.new_token_ratio = min(1.0, old * RETRACT_RATIO_FACTOR)
         self.stats.log_retract(len(retracted), old, self.new_token_ratio)
         if self.auto_conservativeness is not None:
             self.auto_conservativeness.on_retract()
