@@ -59,6 +59,10 @@ run() {  # the last 30 lines to the console, the whole filtered output appended 
     | tee -a "$OUT/run_log.txt" | tail -n 30
   echo "--- ${*:1:3}... took $((SECONDS - t0)) s" | tee -a "$OUT/run_log.txt"
 }
+up() {  # wait for a server's /health (150 s)
+  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.5; done
+  echo "server on $1 did not come up"; return 1
+}
 has fp8test && run 200 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_hicache_gpu.py
 has gemvtest && run 300 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py tests/gpu/test_kernels.py \
   -k "pdl or w8a16 or argmax"
@@ -151,8 +155,6 @@ if has piecewise; then
   PA=$!
   $S --port 30012 >"$OUT/server_eager.log" 2>&1 &
   PB=$!
-  up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.5; done
-         echo "server on $1 did not come up"; return 1; }
   if up 30011 && up 30012; then
     for len in 16 128 512; do
       for port in 30011 30012; do
@@ -195,8 +197,6 @@ if has burst2k; then
   QA=$!
   $S --port 30022 >"$OUT/server_burst2k_plain.log" 2>&1 &
   QB=$!
-  up() { for _ in $(seq 300); do curl -sf "http://127.0.0.1:$1/health" >/dev/null && return 0; sleep 0.5; done
-         echo "server on $1 did not come up"; return 1; }
   if up 30021 && up 30022; then
     for i in 1 2; do  # each pair on fresh prompts (seed i on both): the ratio within a pair vs the noise between them
       for name in mixed plain; do
