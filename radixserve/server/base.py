@@ -27,7 +27,6 @@ from radixserve.server.protocol import unserved_flag
 from radixserve.server.tokenizer_manager import RequestError, TokenizerManager
 
 T = TypeVar("T")
-DISCONNECT_POLL_S = 0.5
 OFF_LOOP_CHARS = 16384  # inputs this long are tokenized / templated on a worker thread
 _UNION_TAGS = {"str", "int", "float", "bool"}
 
@@ -142,20 +141,31 @@ async def collect(gen: Gen, n: int) -> list[Choice]:
     return choices
 
 
+async def _disconnected(request: Request) -> None:
+    """Return when the client goes away: once the body is read, the ASGI receive channel yields nothing
+    but the http.disconnect message (what starlette's StreamingResponse listens for)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 async def unless_disconnected(coro: Coroutine[Any, Any, T], request: Request) -> T:
     """Await `coro`, cancelling it if the client goes away meanwhile. A handler is not cancelled on
     disconnect the way a streaming response is, so without this a non-streamed request (or a stream still
     waiting for its first token) would run to the end for nobody. Cancelling the generator inside `coro`
-    aborts its requests."""
+    aborts its requests.
+
+    The disconnect is awaited, not polled: polling `request.is_disconnected()` twice a second per waiting
+    request took a quarter of the API server's CPU time with 512 streams queued on the CPU (py-spy)."""
     task = asyncio.ensure_future(coro)
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                raise RequestError("client disconnected", 499, None, "client_closed_request")
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise RequestError("client disconnected", 499, None, "client_closed_request")
         return task.result()
     finally:
         task.cancel()
+        gone.cancel()
 
 
 async def chain(first: list[tuple[int, StrOut]], gen: Gen) -> Gen:
