@@ -15,9 +15,8 @@ moves in steps, within bounds:
   * no retraction in the last minute, mean token usage < TARGET_USAGE (0.95, aiming above the guide's 0.9)
     and requests waiting on most steps -> lower by the factor that would shrink the unused share of the pool
     to the aim's, (1 - 0.95) / (1 - usage), taken between x0.7^3 and x0.7 (the unused share is mostly the
-    reservation, which is
-    proportional to the value; a pool used at 5 % gains nothing from small steps, and a burst of requests
-    ends before they arrive);
+    reservation, which is proportional to the value; a pool used at 5 % gains nothing from small steps, and
+    a burst of requests ends before they arrive);
   * otherwise (a retraction in the last minute, or no queue to admit from) -> keep.
 
 The scheduler turns the value into its new_token_ratio exactly as it does for a fixed flag. The clock
@@ -47,10 +46,11 @@ TARGET_USAGE = 0.95
 RETRACTION_WINDOW_S = 60.0  # "occasional retractions (~1 time per minute) are acceptable"
 QUEUED_SHARE = 0.5  # "#queue-req > 0 frequently": on at least half the steps of a window
 COOLDOWN_S = 300.0
-# After a retraction the scheduler resets new_token_ratio from the running requests' progress (SGLang's rule);
-# auto brings it back to its floor within this many decode steps. At SGLang's 600 the H200 early-stopping run
-# (1,054 decode steps) spent 600 of them after its one retraction at token usage ~0.8; at 200 the pool, refilled
-# with the retracted (young) requests, retracted a second time ~400 steps later.
+# After a retraction auto's new_token_ratio is the old one times RETRACT_RATIO_FACTOR (a fixed value keeps
+# SGLang's reset from the running requests' progress), and it comes back to its floor within this many decode
+# steps. At SGLang's 600 the H200 early-stopping run (1,054 decode steps) spent 600 of them after its one
+# retraction at token usage ~0.8; at 200 the pool, refilled with the retracted (young) requests, retracted a
+# second time ~400 steps later (both with SGLang's reset, before the doubling).
 RECOVERY_STEPS = 300
 RETRACT_RATIO_FACTOR = 2.0  # auto's new_token_ratio after a retraction: the old one doubled (see Scheduler)
 
