@@ -59,6 +59,24 @@ def test_float16_weights_track_float32(engines) -> None:
     assert worst <= LOGIT_ATOL, worst
 
 
+def test_torch_compile_runs_the_packed_weights(engines) -> None:
+    """--enable-torch-compile keeps the float16 weights: the decode graph calls FBGEMM through the opaque
+    `radixserve::linear_fp16` op with no graph break, and tracks float32 within the same tolerances."""
+    from torch._dynamo.utils import counters
+
+    exact, _ = engines
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = Engine(ServerArgs(device="cpu", max_total_tokens=1024, enable_torch_compile=True))
+    assert compiled.runner.model.model.layers[0].mlp.down_proj.weight is None  # packed, not float32
+    tokens32, logits32 = run(exact)
+    tokens_c, logits_c = run(compiled)
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"], dict(counters)
+    assert tokens_c == tokens32
+    worst = max((a - b).abs().max().item() for a, b in zip(logits32, logits_c))
+    assert worst <= LOGIT_ATOL, worst
+
+
 def test_packed_layers_drop_the_float32_copy(engines) -> None:
     exact, half = engines
     layer = half.runner.model.model.layers[0]
@@ -75,9 +93,6 @@ def test_choice_is_logged_and_checked(caplog) -> None:
     assert "--cpu-weight-dtype auto" in caplog.text and "float16 weights packed for FBGEMM" in caplog.text
     assert cpu_weight_config("float32", cpu, torch.float32) is None
     assert cpu_weight_config("auto", cpu, torch.bfloat16) is None  # a bf16 model keeps its weights
-    assert cpu_weight_config("auto", cpu, torch.float32, traced=True) is None  # torch.compile keeps float32
-    with pytest.raises(ValueError, match="torch.compile"):
-        cpu_weight_config("float16", cpu, torch.float32, traced=True)
     with pytest.raises(ValueError, match="--dtype float32"):
         cpu_weight_config("float16", cpu, torch.bfloat16)
     with pytest.raises(ValueError, match="--cpu-weight-dtype"):

@@ -75,8 +75,7 @@ class ModelRunner:
         self.cfg = model_config or load_config(src)
         self.cfg.quant = resolve_quant_config(args.quantization, self.cfg.hf_config, self.device,
                                               use_checkpoint=args.load_format != "dummy",
-                                              cpu_weight_dtype=args.cpu_weight_dtype, dtype=self.dtype,
-                                              traced=args.enable_torch_compile or args.enable_piecewise_cuda_graph)
+                                              cpu_weight_dtype=args.cpu_weight_dtype, dtype=self.dtype)
         self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         self.context_len = context_length(args, self.cfg)
         t0 = time.perf_counter()

@@ -31,21 +31,11 @@ def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
     return q if isinstance(q, dict) else q.to_dict()
 
 
-def cpu_weight_config(cpu_weight_dtype: str, device: torch.device, dtype: torch.dtype,
-                      traced: bool = False) -> QuantConfig | None:
+def cpu_weight_config(cpu_weight_dtype: str, device: torch.device, dtype: torch.dtype) -> QuantConfig | None:
     """--cpu-weight-dtype: packed float16 weights for a float32 model on an x86 CPU (cpu_fp16.py says why),
-    or None (weights stay in the model dtype). Logs what was chosen and why. `traced`: the forward runs
-    under torch.compile (--enable-torch-compile, piecewise graphs), which cannot trace FBGEMM's packed
-    weight objects, so auto keeps float32 there."""
+    or None (weights stay in the model dtype). Logs what was chosen and why. Traced forwards
+    (torch.compile) keep it: they call the packed GEMM as an opaque op (cpu_fp16.py)."""
     if device.type != "cpu" or cpu_weight_dtype == "float32":
-        return None
-    if traced:
-        if cpu_weight_dtype == "float16":
-            raise ValueError("--cpu-weight-dtype float16 cannot run under torch.compile (FBGEMM's packed weights "
-                             "are opaque to it): drop --enable-torch-compile / --enable-piecewise-cuda-graph, or "
-                             "pass --cpu-weight-dtype float32")
-        logger.info("CPU linear layers: float32 (--cpu-weight-dtype auto with torch.compile, which cannot trace "
-                    "FBGEMM's packed float16 weights)")
         return None
     if cpu_weight_dtype == "float16":
         if not cpu_fp16_available():
@@ -86,7 +76,7 @@ def resolve_quant_config(flag: str | None, hf_config: Any, device: torch.device,
                            "dequantized to the model dtype at load (no memory saving)", method)
         return QUANT_CONFIGS[method](ckpt, native=native)
     if flag is None:
-        return cpu_weight_config(cpu_weight_dtype, device, dtype, traced)
+        return cpu_weight_config(cpu_weight_dtype, device, dtype)
     if not fp8_supported(device):
         raise ValueError(f"--quantization {flag} needs FP8 matmul: a GPU of compute capability >= 8.9 (Ada, "
                          f"Hopper) or --device cpu; drop the flag on this GPU")
