@@ -12,7 +12,7 @@ path (what the HF-parity tests run).
 
 Under --enable-torch-compile the GEMM is the opaque op `radixserve::linear_fp16` (below), so the packed
 weights and Inductor's fused elementwise code run together: bundled model, batch 1, 2 cores, decode
-27 vs 30.5 ms per token eager (`bench.one_batch --device cpu`, benchmarks/README.md).
+28-29 vs 32 ms per token eager (`bench.one_batch --device cpu`, benchmarks/README.md).
 
 The packed weight is an opaque FBGEMM object, not a parameter: `packed_numel` / `packed_nbytes` on the
 layer say how many weights it holds and their fp16 bytes, what a step reads (`model_weight_bytes`,
@@ -21,6 +21,8 @@ not memory.
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,35 +45,38 @@ def pack_fp16(weight: torch.Tensor) -> torch.ScriptObject:
     return torch.ops.quantized.linear_prepack_fp16(weight.detach().float().contiguous(), None)
 
 
-# torch.compile cannot trace FBGEMM's packed-weight objects, so a traced forward (--enable-torch-compile)
-# calls the GEMM through an op that names its weight by index into this table: Inductor then fuses
-# everything between the matmuls and the op stays one opaque call into FBGEMM.
-PACKED: list[torch.ScriptObject] = []
+class PackedFp16:
+    """One layer's packed weight, owned by the layer. torch.compile cannot trace FBGEMM's packed-weight
+    objects, so a traced forward (--enable-torch-compile) calls the GEMM through an op that names the
+    weight by its key in PACKED: Inductor fuses everything between the matmuls, the op stays one opaque
+    call into FBGEMM. PACKED holds the entries weakly, so an engine's weights go when its layers do."""
+
+    _keys = itertools.count()
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.obj = pack_fp16(weight)
+        self.out_features = weight.shape[0]
+        self.key = next(self._keys)
+        PACKED[self.key] = self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] float32 -> [T, out] float32."""
+        if torch.compiler.is_compiling():
+            return torch.ops.radixserve.linear_fp16(x, self.key, self.out_features)
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.obj)
+
+
+PACKED: weakref.WeakValueDictionary[int, PackedFp16] = weakref.WeakValueDictionary()
 
 
 @torch.library.custom_op("radixserve::linear_fp16", mutates_args=())
-def linear_fp16_op(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic_fp16(x, PACKED[index])
+def linear_fp16_op(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(x, PACKED[key].obj)
 
 
 @linear_fp16_op.register_fake
-def _(x: torch.Tensor, index: int, out_features: int) -> torch.Tensor:
+def _(x: torch.Tensor, key: int, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
-
-
-def apply_packed(packed: torch.ScriptObject, x: torch.Tensor, bias: torch.Tensor | None,
-                 index: int = -1, out_features: int = 0) -> torch.Tensor:
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    x2 = x2 if x2.dtype == torch.float32 else x2.float()
-    if index >= 0 and torch.compiler.is_compiling():
-        y = torch.ops.radixserve.linear_fp16(x2, index, out_features)
-    else:
-        y = torch.ops.quantized.linear_dynamic_fp16(x2, packed)
-    if bias is not None:
-        y = y + bias
-    if x.dim() != 2:
-        y = y.reshape(*x.shape[:-1], y.shape[-1])
-    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class CpuFp16LinearMethod(UnquantizedLinearMethod):
@@ -87,9 +92,7 @@ class CpuFp16LinearMethod(UnquantizedLinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         w = layer.weight
-        layer.packed_weight = pack_fp16(w.data)
-        layer.packed_index, layer.packed_out = len(PACKED), w.shape[0]
-        PACKED.append(layer.packed_weight)
+        layer.packed_weight = PackedFp16(w.data)
         layer.packed_numel = w.numel()
         layer.packed_nbytes = w.numel() * 2
         if not self.keep_weight:
@@ -97,7 +100,13 @@ class CpuFp16LinearMethod(UnquantizedLinearMethod):
             layer.register_parameter("weight", None)
 
     def apply(self, layer: LinearBase, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return apply_packed(layer.packed_weight, x, bias, layer.packed_index, layer.packed_out)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y = layer.packed_weight(x2 if x2.dtype == torch.float32 else x2.float())
+        if bias is not None:
+            y = y + bias
+        if x.dim() != 2:
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class CpuFp16Config(QuantConfig):
