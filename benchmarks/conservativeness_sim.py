@@ -9,7 +9,8 @@ at "EOS" with probability 0.01 a token (max_new_tokens 1024), a 32,768-token poo
 everything that fits, else one decode step; retraction as Scheduler._ensure_decode_memory. It reproduced the
 H200 figures of a06a32e (1.0: usage 0.51 vs 0.45 measured; auto: 6 retractions vs 5, usage 0.73 vs 0.69) and
 chose RAISE x3 on every retraction and the doubled ratio after it (2 retractions in the first 12 s, then
-none; usage 0.92 in the second half). A model, not a measurement: the H200 figures are in benchmarks/results.
+none; usage 0.92 in the second half), and then the wait of one request lifetime between lowerings with the
+aim at 0.93 (1 retraction on each of 8 seeds, against 1-2 without the wait; c600c57's H200 run had 2). A model, not a measurement: the H200 figures are in benchmarks/results.
 """
 
 import random
@@ -120,6 +121,8 @@ def run(
         out_tokens += len(running)
         done = [r for r in running if r[1] >= r[2]]
         for r in done:
+            if auto is not None:
+                auto.on_finish()
             running.remove(r)
             used -= r[0] + r[1]
         state["ratio"] = max(state["ratio"] - state["dec"], state["mn"])
@@ -127,7 +130,7 @@ def run(
         if waiting:
             usage_q.append(u)
         if auto is not None:
-            ch = auto.on_decode(u, len(waiting))
+            ch = auto.on_decode(u, len(waiting), len(running) + len(done))
             if ch:
                 set_c(auto.value, cons)
                 cons = auto.value

@@ -241,7 +241,8 @@ class Scheduler:
                 req.kv_len += 1
             self.stats.on_decode(len(batch), self.used_tokens, len(self.waiting), cuda_graph=self.runner.used_graph)
             auto = self.auto_conservativeness
-            if auto is not None and auto.on_decode(self.stats.token_usage(self.used_tokens), len(self.waiting)):
+            if auto is not None and auto.on_decode(self.stats.token_usage(self.used_tokens), len(self.waiting),
+                                                   len(batch)):
                 self.set_conservativeness(auto.value)
             sampled, sampled_rows = batch, self.decode_rows
         else:
@@ -531,6 +532,8 @@ class Scheduler:
             self.waiting[:] = [r for r in self.waiting if r not in gone]  # waiting: retracted while in flight
             for req in finished:
                 self._release(req)
+            if self.auto_conservativeness is not None:
+                self.auto_conservativeness.on_finish(len(finished))
         return done
 
     def _check_finished(self, req: Req, tok: int) -> None:

@@ -30,6 +30,8 @@ class SchedulerStats:
     host_cached_tokens_total: int = 0  # of cached_tokens_total: loaded back from the host tier (HiCache)
     storage_cached_tokens_total: int = 0  # of those: read from the file tier first
     last_gen_throughput: float = 0.0
+    last_decode_used: int = 0  # KV tokens in use and requests waiting at the last decode step (its log line's)
+    last_decode_queued: int = 0
     # arrival at the scheduler -> first admission to a prefill batch, for /metrics queue_time_seconds; the
     # arrival times are keyed weakly by request, so an aborted request leaves nothing behind
     queue_time_counts: list[int] = field(default_factory=lambda: [0] * len(QUEUE_TIME_BUCKETS))
@@ -102,6 +104,7 @@ class SchedulerStats:
 
     def on_decode(self, batch_size: int, used: int, queued: int, cuda_graph: bool) -> None:
         self.decode_steps += 1
+        self.last_decode_used, self.last_decode_queued = used, queued
         self._tokens_since_log += batch_size
         if self.decode_steps % self.decode_log_interval:
             return
