@@ -25,6 +25,7 @@
 #   nano8b      offline --workload nanovllm, 8B preset
 #   conserv     --schedule-conservativeness auto vs 1.0, requests ending at "EOS" after ~100 of 1024 tokens
 #               (issue 18's H200 target; --eos-every on dummy weights)
+#   conservlong the same on 8,192 prompts (auto runs past a minute: the retraction rate per minute of the guide)
 #   conservmixed  the same with --enable-mixed-chunk (admissions ride along with the decode step)
 #   offlineab   offline minisgl bf16 / fp8 + fp8 KV alternating twice (the 1.5x target's ratio vs run-to-run noise)
 #   pdlab       batch-1 fp8 decode alternating --disable-pdl / default, three times each (PDL's effect vs noise)
@@ -111,6 +112,9 @@ has nano8b && run 120 python -m radixserve.bench.offline $M8 --workload nanovllm
 has conserv && run 400 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
   --num-prompts 4096 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 40 --cuda-graph-max-bs 256 \
   --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b.json"
+has conservlong && run 560 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
+  --num-prompts 8192 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 40 --cuda-graph-max-bs 256 \
+  --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b_8192.json"
 has conservmixed && run 240 python -m radixserve.bench.conservativeness $M8 $TOK --max-total-tokens 32768 \
   --num-prompts 2048 --max-new-tokens 1024 --eos-every 100 --decode-log-interval 10 --cuda-graph-max-bs 256 \
   --enable-mixed-chunk --output "$OUT/conservativeness_auto_vs_1.0_h200_llama8b_mixed_chunk.json"

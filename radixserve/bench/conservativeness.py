@@ -90,6 +90,9 @@ class RunResult:
     stopped_early: int  # requests that finished at EOS (not at max_new_tokens)
     changes: list[str]
     final_conservativeness: float
+    # one row per decode log interval: [seconds, decode step, token usage, #running-req, #queue-req,
+    # new_token_ratio, conservativeness, retractions so far] -- the trajectory behind the figures above
+    windows: list[list[float]] = dataclasses.field(repr=False, default_factory=list)
     outputs: list[list[int]] = dataclasses.field(repr=False, default_factory=list)
 
 
@@ -118,7 +121,7 @@ def run(engine: Engine, value: str | float, reqs: list[tuple[list[int], Sampling
     old_level = log.level
     log.setLevel(logging.INFO)
     batch = [Req(list(ids), sp) for ids, sp in reqs]
-    usage_q, usage_all, running = [], [], []
+    usage_q, usage_all, running, windows = [], [], [], []
     settled_from = 0  # index into usage_q where the last conservativeness change took effect
     t0, c0 = time.perf_counter(), time.process_time()
     try:
@@ -139,6 +142,10 @@ def run(engine: Engine, value: str | float, reqs: list[tuple[list[int], Sampling
                 running.append(len(s.running))
                 if s.stats.last_decode_queued:
                     usage_q.append(u)
+                if s.stats.decode_steps % s.args.decode_log_interval == 0:
+                    windows.append([round(time.perf_counter() - t0, 2), s.stats.decode_steps, round(u, 3),
+                                    len(s.running), s.stats.last_decode_queued, round(s.new_token_ratio, 5),
+                                    round(s.conservativeness, 5), handler.retractions])
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
@@ -154,7 +161,7 @@ def run(engine: Engine, value: str | float, reqs: list[tuple[list[int], Sampling
         running_mean=round(mean(running), 1) if running else 0.0,
         retraction_events=handler.retractions, retracted_reqs=s.stats.num_retractions,
         retractions_per_min=0.0, stopped_early=sum(r.finish_reason == FinishReason.STOP for r in batch),
-        changes=handler.lines, final_conservativeness=round(s.conservativeness, 3),
+        changes=handler.lines, final_conservativeness=round(s.conservativeness, 3), windows=windows,
         outputs=[r.output_ids for r in batch])
 
 
