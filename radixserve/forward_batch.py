@@ -28,6 +28,9 @@ class ForwardBatch:
     attn: Any = None  # the attention backend
     attn_meta: Any = None  # backend-specific metadata
     kv_ready: list | None = None  # CUDA events, one per layer: a HiCache load this forward's attention waits for
+    # a mixed batch (--enable-mixed-chunk): its last decode_tail requests are decode steps, one token each at
+    # the end of T, which a backend may attend with its decode kernel
+    decode_tail: int = 0
 
     @property
     def batch_size(self) -> int:

@@ -121,7 +121,14 @@ def main() -> None:
             be.init_forward_metadata(case.fb)
             assert type(case.fb.attn_meta).__name__.startswith("Triton")
             assert_close(be.forward(case.q, case.layer, case.fb), reference(case), bf16, "backend")
-    check("backend decode + extend", backend_glue)
+        for ext, tail in (([3, 40, 1, 1], 2), ([70, 1], 1)):  # mixed: prompt chunks, then decode requests
+            case = make_case([5, 60, 0, 130][:len(ext)], ext, 9, 3, 64, bf16, "cpu", seed=4)
+            case.fb.decode_tail = tail
+            be = TritonAttentionBackend()
+            be.init_forward_metadata(case.fb)
+            assert case.fb.attn_meta.decode_tail == tail
+            assert_close(be.forward(case.q, case.layer, case.fb), reference(case), bf16, f"mixed tail={tail}")
+    check("backend decode + extend + mixed", backend_glue)
 
     def fused_checks():
         for dt in (bf16, f32):

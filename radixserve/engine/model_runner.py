@@ -255,4 +255,5 @@ class ModelRunner:
             out_slots=self.req_to_token_pool.req_to_token[token_rows_d, positions_d], req_rows=rows_d,
             seq_lens=seq_d, prefix_lens=prefix_d, extend_lens=extend_d, logits_idx=logits_idx_d,
             max_seq_len=int(seq.max()), max_extend_len=int(extend.max()),
-            kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn)
+            kv_pool=self.kv_pool, req_to_token=self.req_to_token_pool.req_to_token, attn=self.attn,
+            decode_tail=decode_tail)

@@ -194,6 +194,23 @@ def test_backend_matches_torch_backend(decode):
     assert_close(backend.forward(case.q, case.layer, case.fb), reference(case), torch.bfloat16, "backend")
 
 
+@pytest.mark.parametrize("tail", [1, 6, 9])
+def test_backend_mixed_batch_matches_torch_backend(tail):
+    """A mixed batch (--enable-mixed-chunk): prompt chunks then `tail` decode requests of one token each; the
+    backend attends the prompt part with the extend kernel and the tail with the decode kernel into one
+    output, which must equal the torch backend's single pass over the whole batch (tail 9: every request
+    decodes, one extend pass)."""
+    from radixserve.attention.triton_backend import TritonAttentionBackend
+    B = 9
+    ext = _lens(B - tail, 1, 700, 4) + [1] * tail
+    case = make_case(_lens(B, 0, 3000, 5), ext, 32, 8, 128, torch.bfloat16, DEV, seed=13 + tail)
+    case.fb.decode_tail = tail
+    backend = TritonAttentionBackend()
+    backend.init_forward_metadata(case.fb)
+    out = backend.forward(case.q, case.layer, case.fb)
+    assert_close(out, reference(case), torch.bfloat16, f"mixed tail={tail}")
+
+
 def test_decode_cuda_graph_replay():
     """The graph-runner contract: capture once for bs=8, then replay with other lengths/rows/slots
     copied into the static req_rows / seq_lens (2 real requests + 6 padding entries)."""
