@@ -10,6 +10,7 @@
 #   fp8quick    the FP8 attention, fused-quantize and W8A8 GPU tests only
 #   fp8acc      FP8 weights / KV / both against bf16 on random weights (first token, common prefix, KL)
 #   kerneltest  the attention / fused kernels vs torch (tests/gpu/test_kernels.py)
+#   mixedtest   the mixed-batch attention (extend + decode kernels in one forward) vs the torch backend
 #   gemvsweep   the W8A16 GEMV's tile sweep inside CUDA graphs (what kernels.fp8.gemv_config follows)
 #   fp8graph    bf16 vs W8A16 tile vs W8A8 inside CUDA graphs at 8-128 tokens (where w8a8_min_tokens should be)
 #   fp8gemm     per-shape GEMM timings, bf16 vs W8A16 (GEMV and tile) vs W8A8, LM head included (issue 12)
@@ -71,6 +72,7 @@ has fp8quick && run 120 python -m pytest -q -rf tests/gpu/test_fp8_kernels.py -k
 has fp8acc && run 200 python -m radixserve.bench.quant_accuracy $M8 --num-prompts 4 --output-len 16 --max-total-tokens 4096 \
   --disable-cuda-graph --output "$OUT/fp8_h200_accuracy_llama8b_dummy_gpu.json"
 has kerneltest && run 200 python -m pytest -q -rf tests/gpu/test_kernels.py
+has mixedtest && run 120 python -m pytest -q -rf tests/gpu/test_kernels.py -k "backend"
 has attnsweep && run 420 python benchmarks/decode_attn_sweep.py --output "$OUT/decode_attn_sweep_h200.json"
 has attnsweep2 && run 200 python benchmarks/decode_attn_sweep.py --large-batch \
   --output "$OUT/decode_attn_sweep_large_batch_h200.json"
