@@ -76,6 +76,10 @@ class TritonExtendMeta:
     q_starts: torch.Tensor  # [B] int32 first row of each request in the packed q
     config: dict  # BLOCK_M / BLOCK_N / num_warps / num_stages
     decode_tail: int = 0  # the last that many requests (and rows) go through the decode kernel
+    # their rows and lengths, copied once per forward: a slice at an odd offset is not 16-byte aligned, and
+    # Triton compiles a kernel variant per alignment (a second decode kernel, compiled mid-serving)
+    tail_rows: torch.Tensor | None = None
+    tail_seq_lens: torch.Tensor | None = None
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -136,6 +140,9 @@ class TritonAttentionBackend:
         block_req, block_idx, q_starts = K.extend_block_table(fb.extend_lens[:n_ext], fb.input_ids.numel() - tail,
                                                               cfg["BLOCK_M"])
         fb.attn_meta = TritonExtendMeta(block_req, block_idx, q_starts, cfg, tail)
+        if tail:
+            fb.attn_meta.tail_rows = fb.req_rows[n_ext:].clone()
+            fb.attn_meta.tail_seq_lens = fb.seq_lens[n_ext:].clone()
 
     def forward(self, q: torch.Tensor, layer: Attention, fb: ForwardBatch) -> torch.Tensor:
         meta = fb.attn_meta
@@ -160,7 +167,7 @@ class TritonAttentionBackend:
                            fb.extend_lens[:n_ext], layer.scale, layer.sliding_window,
                            (meta.block_req, meta.block_idx, meta.q_starts), meta.config, out=out[:t_ext],
                            k_scale=k_scale, v_scale=v_scale)
-        self._decode(q[t_ext:], k_buf, v_buf, layer, fb.req_to_token, fb.req_rows[n_ext:], fb.seq_lens[n_ext:],
+        self._decode(q[t_ext:], k_buf, v_buf, layer, fb.req_to_token, meta.tail_rows, meta.tail_seq_lens,
                      k_scale, v_scale, out=out[t_ext:])
         return out
 
