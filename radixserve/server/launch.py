@@ -61,6 +61,17 @@ FLUSH_ERRORS_S = 2.0
 CHILD_JOIN_S = 5.0
 
 
+def _event_loop_factory():
+    """uvloop's event loop where it is installed (as SGLang's server does): under 512 concurrent streams the
+    API server's CPU per streamed token is mostly the event loop's and the HTTP protocol's (uvicorn picks
+    httptools over h11 by itself when installed). None: asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 class _Server(uvicorn.Server):
     """uvicorn would install its own signal handlers and re-raise the signal after shutting down, which
     kills the process before it can stop its children; launch handles signals itself."""
@@ -107,7 +118,8 @@ def launch_server(args: ServerArgs) -> None:
             logger.error(str(e))
             sys.exit(1)  # the finally below stops the children
         preload_tokenizer_class()  # while the scheduler loads
-        code = asyncio.run(_serve(args, addrs, procs, sock))
+        with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
+            code = runner.run(_serve(args, addrs, procs, sock))
     finally:
         stop_children(procs)
         shutil.rmtree(addrs.run_dir, ignore_errors=True)
