@@ -10,7 +10,16 @@ everything that fits, else one decode step; retraction as Scheduler._ensure_deco
 H200 figures of a06a32e (1.0: usage 0.51 vs 0.45 measured; auto: 6 retractions vs 5, usage 0.73 vs 0.69) and
 chose RAISE x3 on every retraction and the doubled ratio after it (2 retractions in the first 12 s, then
 none; usage 0.92 in the second half), and then the wait of one request lifetime between lowerings with the
-aim at 0.93 (1 retraction on each of 8 seeds, against 1-2 without the wait; c600c57's H200 run had 2). A model, not a measurement: the H200 figures are in benchmarks/results.
+aim at 0.93 (1 retraction on each of 8 seeds, against 1-2 without the wait; c600c57's H200 run had 2).
+
+That run's prompts are 80 distinct chat prompts (~40 tokens, 24 shared), so after the first few admissions a
+request costs the pool one or two tokens and its prompt is held once in the prefix cache: `cached=True`
+models that (prompts of 1-2 tokens, 3,200 tokens of the pool held by the cached prompts). With it the model
+reproduced 2cfa646's H200 run (2 retractions, settling at 0.363 against 0.402 measured, usage 0.76-0.78
+against 0.75-0.76) where the first model had settled at 0.121 with one; on it stop 31 chose the raise of
+x1.5 (x2 for a repeat within the minute) and the wait for the usage to stop rising (one retraction in ~60 s,
+usage 0.87 in the second half, against two and 0.78). A model, not a measurement: the H200 figures are in
+benchmarks/results.
 """
 
 import random
@@ -31,8 +40,11 @@ def run(
     seed=0,
     retract_reset=C.RETRACT_RATIO_FACTOR,
     step_s=0.012,
+    cached=False,
 ):
     """retract_reset: "sglang" (SGLang's reset from the running requests' progress) or the factor auto uses."""
+    if cached:
+        P, pool = (1, 2), pool - 3200
     rng = random.Random(seed)
     clock = [0.0]
     auto = C.AutoConservativeness(window, clock=lambda: clock[0]) if value == "auto" else None
@@ -149,5 +161,8 @@ def run(
 
 
 if __name__ == "__main__":
-    for v in (1.0, "auto"):
-        print(v, {k: round(x, 3) if isinstance(x, float) else x for k, x in run(v).items()})
+    for cached in (False, True):
+        for n in (4096, 8192):
+            for v in (1.0, "auto"):
+                r = run(v, n_req=n, cached=cached)
+                print(f"cached={cached} n={n}", v, {k: round(x, 3) if isinstance(x, float) else x for k, x in r.items()})
