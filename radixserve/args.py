@@ -387,10 +387,12 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--schedule-policy"], dict(choices=["fcfs", "lpm"], help="fcfs, or lpm: longest cached prefix first.")),
     (["--schedule-conservativeness"], dict(type=float_or_auto, help="Scales the KV reserved for running "
                                            "requests' future tokens: lower admits more, higher retracts less "
-                                           "(default 1.0). auto: start at 1.0, lower it while token usage < 0.95 "
-                                           "with requests waiting and no retraction in the last minute, raise it "
-                                           "x3 on each retraction, within [0.0005, 2.0]; new requests are "
-                                           "admitted at the same ratio as running ones; each change is logged.")),
+                                           "(default 1.0). auto: start at 1.0, lower it while token usage < 0.93 "
+                                           "with requests waiting and no retraction in the last minute (a "
+                                           "request lifetime apart, once usage stopped rising), raise it x1.5 on "
+                                           "a retraction (x2 on a second within a minute), within [0.0005, 2.0]; "
+                                           "new requests are admitted at the same ratio as running ones; each "
+                                           "change is logged.")),
     (["--decode-log-interval"], dict(type=int, help="Print the decode log line every N steps (default 40).")),
     (["--enable-mixed-chunk"], dict(action="store_true", help="Run the decode step of running requests in the "
                                     "same forward as a prefill chunk, so streams keep producing tokens while "
