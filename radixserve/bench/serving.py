@@ -63,6 +63,9 @@ class BenchArgs:
     tokenizer: str | None = None
     seed: int = 1
     disable_ignore_eos: bool = False
+    # merged into every request body (SGLang's bench_serving flag): e.g. a logit_bias that keeps a server
+    # without ignore_eos (llama.cpp's) from stopping early, so both servers generate the same tokens
+    extra_request_body: dict[str, Any] | None = None
     warmup_requests: int = 1
     slo_ttft: float | None = None  # ms
     slo_tpot: float | None = None  # ms
@@ -199,12 +202,13 @@ class Target:
                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
 
 
-def completion_body(model: str, prompt: list[int] | str, output_len: int, ignore_eos: bool) -> bytes:
+def completion_body(model: str, prompt: list[int] | str, output_len: int, ignore_eos: bool,
+                    extra: dict[str, Any] | None = None) -> bytes:
     body: dict[str, Any] = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0.0,
                             "stream": True, "stream_options": {"include_usage": True}}
     if ignore_eos:
         body["ignore_eos"] = True
-    return msgspec.json.encode(body)
+    return msgspec.json.encode({**body, **(extra or {})})
 
 
 async def send(target: Target, body: bytes, prompt_len: int) -> Result:
@@ -383,9 +387,10 @@ async def benchmark(args: BenchArgs) -> dict[str, Any]:
     model = args.model or served_model(args)
     work = make_workload(args)
     ignore_eos = not args.disable_ignore_eos
-    bodies = [(completion_body(model, p, olen, ignore_eos), plen) for p, plen, olen in work]
+    extra = args.extra_request_body
+    bodies = [(completion_body(model, p, olen, ignore_eos, extra), plen) for p, plen, olen in work]
     for prompt, plen, olen in work[:args.warmup_requests]:
-        warm = await send(target, completion_body(model, prompt, min(olen, 16), ignore_eos), plen)
+        warm = await send(target, completion_body(model, prompt, min(olen, 16), ignore_eos, extra), plen)
         if not warm.success:
             raise RuntimeError(f"warm-up request failed: {warm.error}")
     before = scrape(args)
@@ -541,6 +546,16 @@ def run_benchmark(args: BenchArgs) -> dict[str, Any]:
     return metrics
 
 
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); pass an object such as '{{\"top_k\": 1}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object such as '{\"top_k\": 1}'")
+    return value
+
+
 def parse_args(argv: list[str] | None = None) -> BenchArgs:
     d = BenchArgs()
     p = argparse.ArgumentParser(prog="python -m radixserve.bench.serving",
@@ -566,6 +581,8 @@ def parse_args(argv: list[str] | None = None) -> BenchArgs:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--disable-ignore-eos", action="store_true",
                    help="Do not send ignore_eos (for servers that reject it).")
+    p.add_argument("--extra-request-body", type=json_object, default=None, metavar="JSON",
+                   help='A JSON object merged into every request body, e.g. \'{"logit_bias": {"2": -100}}\'.')
     p.add_argument("--warmup-requests", type=int, default=d.warmup_requests)
     p.add_argument("--slo-ttft", type=float, help="TTFT SLO in ms: goodput counts requests within every SLO.")
     p.add_argument("--slo-tpot", type=float, help="TPOT SLO in ms (time per output token after the first).")
