@@ -1,8 +1,9 @@
 """PD disaggregation between two in-process engines (no HTTP, no gateway): the decode engine's output equals a
 plain run token for token, its prompt's KV came over TCP, and with --disaggregation-decode-enable-offload-kvcache
 its finished KV lands in the HiCache file tier. Before them, the pieces of PD at --tp / --dp-size > 1 that need
-no model: the bootstrap registry (rank r to rank r, the DP replica of a room, a mismatched --tp refused) and the
-TP ranks' agreement on arrived transfers. (Servers at --tp 2 on both sides: tests/test_distributed.py.)"""
+no model: the bootstrap registry (rank r to rank r, the DP replica of a room, the prefill server's layout), the
+plan of which prefill ranks hold a decode rank's KV heads at different --tp, and the TP ranks' agreement on
+arrived transfers. (Servers at --tp 2 on either side: tests/test_distributed.py.)"""
 from __future__ import annotations
 
 import threading
@@ -14,9 +15,10 @@ from conftest import free_port
 
 from radixserve.args import ServerArgs
 from radixserve.core import Req, SamplingParams
-from radixserve.disaggregation.bootstrap import BootstrapServer, lookup, register
+from radixserve.disaggregation.bootstrap import BootstrapServer, lookup, prefill_layout, register
 from radixserve.disaggregation.decode_queue import ARRIVED, FAILED, PENDING, verdicts
-from radixserve.disaggregation.types import BootstrapInfo, ParallelMismatch
+from radixserve.disaggregation.shards import fetch_plan, fetchers, kv_heads_of
+from radixserve.disaggregation.types import BootstrapInfo
 from radixserve.engine_unit import Engine
 from radixserve.server.router import Router
 
@@ -38,32 +40,36 @@ def test_bootstrap_routes_each_rank_and_room() -> None:
         for t in regs:
             t.join(10)
         deadline = time.monotonic() + 5
-        assert [lookup("127.0.0.1", port, r, deadline, room, 2) for room in (6, 7) for r in (0, 1)] == [
+        assert [lookup("127.0.0.1", port, r, deadline, room) for room in (6, 7) for r in (0, 1)] == [
             ("127.0.0.1", 9000), ("127.0.0.1", 9001), ("127.0.0.1", 9010), ("127.0.0.1", 9011)]
+        assert prefill_layout("127.0.0.1", port, deadline) == (2, 2)
         with pytest.raises(ValueError, match="--tp 2 --dp-size 2 already registered"):
             register("127.0.0.1", port, 0, None, 9100)  # a second prefill server (tp 1) on the same port
     finally:
         boot.close()
 
 
-@pytest.mark.parametrize("prefill_tp,decode_tp", [(2, 1), (1, 2)])
-def test_bootstrap_refuses_a_mismatched_tp(prefill_tp: int, decode_tp: int) -> None:
-    """At once (no wait for the timeout), naming both sizes and the fix; from every decode rank, also one whose
-    number the prefill server does not have."""
-    boot = BootstrapServer("127.0.0.1", 0)
-    try:
-        for r in range(prefill_tp):
-            register("127.0.0.1", boot.port, r, None, 9000 + r, tp_size=prefill_tp)
-        for r in range(decode_tp):
-            start = time.monotonic()
-            with pytest.raises(ParallelMismatch) as e:
-                lookup("127.0.0.1", boot.port, r, start + 30, 5, decode_tp)
-            assert time.monotonic() - start < 5
-            msg = str(e.value)
-            assert f"prefill server runs --tp {prefill_tp}" in msg and f"decode server --tp {decode_tp}" in msg
-            assert f"restart the decode server with --tp {prefill_tp}" in msg
-    finally:
-        boot.close()
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+@pytest.mark.parametrize("decode_tp", [1, 2, 4])
+@pytest.mark.parametrize("prefill_tp", [1, 2, 4])
+def test_fetch_plan_gives_each_decode_rank_its_kv_heads(kv_heads: int, decode_tp: int, prefill_tp: int) -> None:
+    """Every decode rank gets exactly the heads QKVParallelLinear gives it (split, or one replicated head), in
+    order, each from a prefill rank that holds it; a prefill rank waits for as many fetches as plans name it."""
+    pieces: dict[int, int] = {}
+    for r in range(decode_tp):
+        got = []
+        for q, a, b in fetch_plan(r, decode_tp, prefill_tp, kv_heads):
+            base = kv_heads_of(q, prefill_tp, kv_heads)
+            assert 0 <= a < b <= base[1] - base[0]
+            got += range(base[0] + a, base[0] + b)
+            pieces[q] = pieces.get(q, 0) + 1
+        start, stop = kv_heads_of(r, decode_tp, kv_heads)
+        assert got == list(range(start, stop)) and stop - start == max(kv_heads // decode_tp, 1)
+    assert [fetchers(q, prefill_tp, decode_tp, kv_heads) for q in range(prefill_tp)] == \
+        [pieces.get(q, 0) for q in range(prefill_tp)]
+    if decode_tp == prefill_tp:  # the same layout: rank r from rank r, all of its heads
+        assert [fetch_plan(r, decode_tp, prefill_tp, kv_heads) for r in range(decode_tp)] == \
+            [[(r, 0, max(kv_heads // decode_tp, 1))] for r in range(decode_tp)]
 
 
 def test_tp_ranks_agree_on_arrivals() -> None:

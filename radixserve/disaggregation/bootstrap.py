@@ -2,12 +2,11 @@
 
 It is a registry, as in SGLang: each prefill rank registers where its KV sender listens (`PUT /route` with its
 dp_rank, engine_rank (TP rank), port and the server's tp_size and dp_size), and a decode rank asks
-`GET /route?engine_rank=R&room=ROOM&tp_size=T` before it connects: the answer is the sender of TP rank R in the
-DP replica that prefilled the room (room % dp_size, the replica the prefill server routed the request to).
-Each decode rank takes the KV of the prefill rank with its own number, so a decode server whose tp_size is not
-the prefill server's is refused here (HTTP 409), with both sizes in the message. `GET /route?engine_rank=-1`
-answers the prefill server's {tp_size, dp_size}. A plain HTTP server in a daemon thread: its traffic is one
-small request per rank at start-up and one per transferred request and decode rank.
+`GET /route?engine_rank=R&room=ROOM` before it connects: the answer is the sender of TP rank R in the DP replica
+that prefilled the room (room % dp_size, the replica the prefill server routed the request to).
+`GET /route?engine_rank=-1` answers the prefill server's {tp_size, dp_size}: a decode server of another --tp
+plans from it which prefill ranks hold its KV heads (shards.py). A plain HTTP server in a daemon thread: its
+traffic is one small request per rank at start-up and a few per transferred request and decode rank.
 """
 from __future__ import annotations
 
@@ -20,17 +19,11 @@ import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from radixserve.disaggregation.types import ParallelMismatch, TransferTimeout
+from radixserve.disaggregation.types import TransferTimeout
 
 logger = logging.getLogger(__name__)
 LOOKUP_RETRY_S = 0.2
 REGISTER_TIMEOUT_S = 120.0  # a rank > 0 may register before TP rank 0 of DP replica 0 has its server up
-
-
-def mismatch_message(prefill_tp: int, decode_tp: int) -> str:
-    return (f"the prefill server runs --tp {prefill_tp} and this decode server --tp {decode_tp}: each decode TP "
-            f"rank receives the KV shard of the prefill rank with its number, so both servers need the same --tp; "
-            f"restart the decode server with --tp {prefill_tp} (or the prefill server with --tp {decode_tp})")
 
 
 class Registry:
@@ -60,18 +53,15 @@ class Registry:
         try:
             rank = int(query.get("engine_rank", ["0"])[0])
             room = int(query["room"][0]) if "room" in query else None
-            want_tp = int(query["tp_size"][0]) if "tp_size" in query else None
             dp_group = int(query["target_dp_group"][0]) if "target_dp_group" in query else None
         except ValueError:
-            return 400, {"error": "engine_rank, room, tp_size and target_dp_group must be integers"}
+            return 400, {"error": "engine_rank, room and target_dp_group must be integers"}
         with self.lock:
             tp, dp = self.tp_size, self.dp_size
             if tp is None or dp is None:
                 return 404, {"error": "no prefill rank has registered yet"}
             if rank == -1:
                 return 200, {"tp_size": tp, "dp_size": dp}
-            if want_tp is not None and want_tp != tp:
-                return 409, {"error": mismatch_message(tp, want_tp)}
             if dp_group is None:
                 dp_group = room % dp if room is not None else 0
             entry = self.routes.get((dp_group, rank))
@@ -159,32 +149,35 @@ def register(host: str, port: int, engine_rank: int, sender_host: str | None, se
         time.sleep(LOOKUP_RETRY_S)
 
 
-def lookup(host: str, port: int, engine_rank: int, deadline: float, room: int | None = None,
-           tp_size: int | None = None) -> tuple[str, int]:
+def lookup(host: str, port: int, engine_rank: int, deadline: float, room: int | None = None) -> tuple[str, int]:
     """Where prefill rank `engine_rank` (of the DP replica that prefilled `room`) behind the bootstrap server
     host:port sends KV from; retried until `deadline` (time.monotonic) while the server is unreachable or the
-    rank not registered yet. `tp_size`: the decode server's; a prefill server of another size raises
-    ParallelMismatch at once."""
-    query = {"engine_rank": engine_rank, **({"room": room} if room is not None else {}),
-             **({"tp_size": tp_size} if tp_size is not None else {})}
+    rank not registered yet."""
+    entry = _get_route(host, port, {"engine_rank": engine_rank, **({"room": room} if room is not None else {})},
+                       deadline, f"where prefill rank {engine_rank} is")
+    return entry.get("host") or host, int(entry["port"])
+
+
+def prefill_layout(host: str, port: int, deadline: float) -> tuple[int, int]:
+    """The prefill server's (tp_size, dp_size), retried as lookup."""
+    entry = _get_route(host, port, {"engine_rank": -1}, deadline, "the prefill server's --tp")
+    return int(entry["tp_size"]), int(entry["dp_size"])
+
+
+def _get_route(host: str, port: int, query: dict, deadline: float, what: str) -> dict:
     url = f"http://{_netloc(host, port)}/route?{urllib.parse.urlencode(query)}"
     last = "no answer"
     while True:
         try:
             with urllib.request.urlopen(url, timeout=max(0.1, min(5.0, deadline - time.monotonic()))) as r:
-                entry = json.loads(r.read())
-            if tp_size is not None and int(entry.get("tp_size", tp_size)) != tp_size:
-                raise ParallelMismatch(mismatch_message(int(entry["tp_size"]), tp_size))
-            return entry.get("host") or host, int(entry["port"])
+                return json.loads(r.read())
         except urllib.error.HTTPError as e:
-            if e.code == 409:
-                raise ParallelMismatch(_error_text(e)) from None
-            last = f"HTTP {e.code}"
+            last = f"HTTP {e.code}: {_error_text(e)}"
         except (OSError, ValueError, KeyError) as e:
             last = str(e)
         if time.monotonic() + LOOKUP_RETRY_S >= deadline:
-            raise TransferTimeout(f"the PD bootstrap server at {host}:{port} did not tell where prefill rank "
-                                  f"{engine_rank} is ({last}); is the prefill server up with "
+            raise TransferTimeout(f"the PD bootstrap server at {host}:{port} did not tell {what} ({last}); is the "
+                                  f"prefill server up with "
                                   f"--disaggregation-mode prefill --disaggregation-bootstrap-port {port}?")
         time.sleep(LOOKUP_RETRY_S)
 

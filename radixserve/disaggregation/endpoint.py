@@ -7,7 +7,8 @@ the scheduler frees (caches) the slots as for any finished request while the sen
 Every TP rank schedules the same batches, so every rank offers its shard of the same requests.
 
 Decode (`--disaggregation-mode decode`): `fetch(info, num_tokens)` starts receiving this rank's shard of a
-request's KV, from the prefill rank with the same TP rank, into host memory; the scheduler has reserved the
+request's KV, from the prefill rank with the same TP rank (at another --tp: from the prefill ranks that hold its
+KV heads, shards.py), into host memory; the scheduler has reserved the
 slots before, and writes the KV into them once the transfer is done on every rank (decode_queue.py).
 """
 from __future__ import annotations
@@ -28,11 +29,13 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillEndpoint:
-    def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0, dp_rank: int = 0) -> None:
+    def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0, dp_rank: int = 0,
+                 num_kv_heads: int | None = None) -> None:
         self.pool = pool
         lead = tp_rank == 0 and dp_rank == 0
         self.bootstrap = BootstrapServer(args.host, args.disaggregation_bootstrap_port) if lead else None
-        self.sender = TCPKVSender(args.host, args.disaggregation_waiting_timeout)
+        self.sender = TCPKVSender(args.host, args.disaggregation_waiting_timeout, tp_rank, args.tp_size,
+                                  num_kv_heads or kv_layout(pool)[1] * args.tp_size)
         host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         # None: the decode side connects to the host it reached the bootstrap server at (the gateway's
         # bootstrap_host), which is right whenever this server listens on all interfaces (every rank runs on
@@ -56,8 +59,9 @@ class PrefillEndpoint:
 
 
 class DecodeEndpoint:
-    def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0) -> None:
-        self.receiver = TCPKVReceiver(tp_rank, args.disaggregation_waiting_timeout, kv_layout(pool), args.tp_size)
+    def __init__(self, args: ServerArgs, pool: KVPool, tp_rank: int = 0, num_kv_heads: int | None = None) -> None:
+        self.receiver = TCPKVReceiver(tp_rank, args.disaggregation_waiting_timeout, kv_layout(pool), args.tp_size,
+                                      num_kv_heads)
 
     def fetch(self, info: BootstrapInfo, num_tokens: int) -> Transfer:
         return self.receiver.fetch(info, num_tokens)
@@ -66,10 +70,11 @@ class DecodeEndpoint:
         pass
 
 
-def make_endpoint(args: ServerArgs, pool: KVPool, tp_rank: int = 0,
-                  dp_rank: int = 0) -> PrefillEndpoint | DecodeEndpoint | None:
+def make_endpoint(args: ServerArgs, pool: KVPool, tp_rank: int = 0, dp_rank: int = 0,
+                  num_kv_heads: int | None = None) -> PrefillEndpoint | DecodeEndpoint | None:
+    """`num_kv_heads`: the model's (all ranks); it plans the transfers between servers of different --tp."""
     if args.disaggregation_mode == "prefill":
-        return PrefillEndpoint(args, pool, tp_rank, dp_rank)
+        return PrefillEndpoint(args, pool, tp_rank, dp_rank, num_kv_heads)
     if args.disaggregation_mode == "decode":
-        return DecodeEndpoint(args, pool, tp_rank)
+        return DecodeEndpoint(args, pool, tp_rank, num_kv_heads)
     return None

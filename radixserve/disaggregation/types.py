@@ -36,11 +36,6 @@ class PeerGone(TransferError):
     status = 502
 
 
-class ParallelMismatch(TransferError):
-    """The prefill and decode servers are laid out differently (--tp): no KV can be paired, the operator must
-    restart one of them."""
-
-
 @dataclass
 class KVPayload:
     """One request's prompt KV and what the decode side needs to go on from it. `kv` is

@@ -97,7 +97,7 @@ class Scheduler:
                                runner.max_running_requests)
         # PD disaggregation (--disaggregation-mode): a prefill server hands each first token's KV to `pd_prefill`;
         # a decode server's requests wait in `pd_decode` until their KV is in the pool
-        endpoint = make_endpoint(args, runner.kv_pool, runner.tp.rank, dp_rank)
+        endpoint = make_endpoint(args, runner.kv_pool, runner.tp.rank, dp_rank, runner.cfg.num_kv_heads)
         self.pd_prefill = endpoint if isinstance(endpoint, PrefillEndpoint) else None
         self.pd_decode = DecodeQueue(self, endpoint) if isinstance(endpoint, DecodeEndpoint) else None
         self.grammar: GrammarMasks | None = None
