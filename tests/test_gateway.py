@@ -30,7 +30,7 @@ from tests.conftest import Server, free_port, start_server, wait_healthy
 pytest.importorskip("sglang_router")
 
 from radixserve.disaggregation.bootstrap import BootstrapServer, register  # noqa: E402
-from radixserve.disaggregation.tcp import TCPKVSender, payload_bytes, payload_header, recv_frame, send_frame  # noqa: E402
+from radixserve.disaggregation.tcp import TCPKVSender, payload_header, recv_frame, send_frame, tensor_bytes  # noqa: E402
 from radixserve.disaggregation.types import KVPayload  # noqa: E402
 
 WAITING_TIMEOUT_S = 12  # B's --disaggregation-waiting-timeout: the silent-prefill test waits this long
@@ -294,8 +294,8 @@ def test_prefill_dying_mid_transfer_frees_decode_slots(workers) -> None:
         assert ask["room"] == 11 and ask["num_tokens"] == n
         layers, heads, dim = 30, 3, 64  # SmolLM2-135M, float32 on CPU
         payload = KVPayload(torch.zeros(layers, 2, n, heads, dim), first_token=28, seed=0)
-        send_frame(conn, payload_header(payload))
-        data = payload_bytes(payload)
+        send_frame(conn, payload_header(payload, payload.kv))
+        data = tensor_bytes(payload.kv)
         conn.sendall(data[:len(data) // 2])
         held.append(info(b)["kv_used_tokens"])  # mid-transfer: the reservation is in place
         conn.close()  # "dies"
