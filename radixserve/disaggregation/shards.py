@@ -23,23 +23,18 @@ def kv_heads_of(rank: int, tp: int, num_kv_heads: int) -> tuple[int, int]:
 def fetch_plan(decode_rank: int, decode_tp: int, prefill_tp: int, num_kv_heads: int) -> list[tuple[int, int, int]]:
     """(prefill rank, first local head, end local head) for each piece of the decode rank's heads, in head order."""
     start, stop = kv_heads_of(decode_rank, decode_tp, num_kv_heads)
-    plan: list[tuple[int, int, int]] = []
+    pieces: list[tuple[int, int, int]] = []  # (first global head, end global head, prefill rank)
     for i in range(prefill_tp):  # from the rank with this rank's number on: at equal --tp, rank r from rank r
         q = (decode_rank + i) % prefill_tp
         a, b = kv_heads_of(q, prefill_tp, num_kv_heads)
         lo, hi = max(a, start), min(b, stop)
-        if lo >= hi or any(p_lo <= lo < p_hi for p_lo, p_hi in _covered(plan, prefill_tp, num_kv_heads)):
-            continue  # no overlap, or a replica of a head another prefill rank already gives
-        plan.append((q, lo - a, hi - a))
-    return sorted(plan, key=lambda piece: kv_heads_of(piece[0], prefill_tp, num_kv_heads)[0] + piece[1])
+        if lo < hi and not any(p_lo <= lo < p_hi for p_lo, p_hi, _ in pieces):  # skip replicas already taken
+            pieces.append((lo, hi, q))
+    return [(q, lo - kv_heads_of(q, prefill_tp, num_kv_heads)[0], hi - kv_heads_of(q, prefill_tp, num_kv_heads)[0])
+            for lo, hi, q in sorted(pieces)]
 
 
 def fetchers(prefill_rank: int, prefill_tp: int, decode_tp: int, num_kv_heads: int) -> int:
-    """How many decode ranks take a part of this prefill rank's KV (0: none; its offer is dropped at once)."""
+    """How many decode ranks take a part of this prefill rank's KV (0: none; decode rank 0 releases it)."""
     return sum(any(q == prefill_rank for q, _, _ in fetch_plan(r, decode_tp, prefill_tp, num_kv_heads))
                for r in range(decode_tp))
-
-
-def _covered(plan: list[tuple[int, int, int]], prefill_tp: int, num_kv_heads: int) -> list[tuple[int, int]]:
-    return [(kv_heads_of(q, prefill_tp, num_kv_heads)[0] + a, kv_heads_of(q, prefill_tp, num_kv_heads)[0] + b)
-            for q, a, b in plan]
