@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import ipaddress
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -18,6 +19,14 @@ if TYPE_CHECKING:  # torch is imported where it is used: spawned children re-imp
 
 #: device nodes without which no GPU can be visible to torch (NVIDIA, WSL's GPU paravirtualisation, ROCm)
 GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/dxg", "/dev/kfd")
+
+
+def _is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 or localhost: an address only this machine reaches (a name is taken for a remote host)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def cuda_available() -> bool:
@@ -181,11 +190,14 @@ class ServerArgs:
         if not 0 < self.disaggregation_waiting_timeout < float("inf"):
             raise ValueError(f"--disaggregation-waiting-timeout must be a positive number of seconds, got "
                              f"{self.disaggregation_waiting_timeout}")
-        if self.disaggregation_mode == "prefill" and self.nnodes > 1:
-            # every rank registers its KV sender with the bootstrap server on node 0 as "this host"
-            raise ValueError("--disaggregation-mode prefill with --nnodes > 1 is not built yet in radixserve: the "
-                             "bootstrap server cannot tell the decode side where the ranks of other nodes listen; "
-                             "run the prefill server on one node (a decode server may span nodes)")
+        if self.disaggregation_mode == "prefill" and self.nnodes > 1 and _is_loopback(self.host) \
+                and not _is_loopback(self.dist_init_addr.rpartition(":")[0].strip("[]")):
+            # node k > 0 registers its KV senders with the bootstrap server beside rank 0 on node 0, and the decode
+            # side connects to every node's senders: a loopback --host on nodes of a real network hides them
+            raise ValueError(f"--disaggregation-mode prefill over --nnodes {self.nnodes}: --host {self.host} is "
+                             f"loopback, where neither the other nodes (bootstrap server) nor the decode server "
+                             f"(KV senders) reach this node; pass --host 0.0.0.0 (or this node's address) on "
+                             f"every node")
         if self.disaggregation_decode_enable_offload_kvcache and (
                 self.disaggregation_mode != "decode" or self.hicache_storage_backend is None
                 or self.hicache_write_policy != "write_through"):

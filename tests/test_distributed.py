@@ -74,7 +74,7 @@ def test_args_checks() -> None:
                      ({"nnodes": 2, "node_rank": 2, "tp_size": 2, "dist_init_addr": "h:1"}, "--node-rank"),
                      ({"load_balance_method": "random"}, "load-balance"),
                      ({"disaggregation_mode": "prefill", "tp_size": 2, "nnodes": 2, "dist_init_addr": "h:1"},
-                      "prefill with --nnodes > 1")]:
+                      "--host 127.0.0.1 is loopback")]:
         with pytest.raises(ValueError, match=text):
             ServerArgs(device="cpu", **kw)
     for mode in ("prefill", "decode"):  # PD at TP and DP > 1

@@ -5,8 +5,11 @@ dp_rank, engine_rank (TP rank), port and the server's tp_size and dp_size), and 
 `GET /route?engine_rank=R&room=ROOM` before it connects: the answer is the sender of TP rank R in the DP replica
 that prefilled the room (room % dp_size, the replica the prefill server routed the request to).
 `GET /route?engine_rank=-1` answers the prefill server's {tp_size, dp_size}: a decode server of another --tp
-plans from it which prefill ranks hold its KV heads (shards.py). A plain HTTP server in a daemon thread: its
-traffic is one small request per rank at start-up and a few per transferred request and decode rank.
+plans from it which prefill ranks hold its KV heads (shards.py). It answers only once all tp_size x dp_size ranks
+have registered (before: 503, naming the missing ranks, which the decode side retries until its deadline): the
+ranks of a prefill server over several nodes register from each node as they come up, and a decode rank that
+planned from a partial registry would look up a rank nobody has registered yet. A plain HTTP server in a daemon
+thread: its traffic is one small request per rank at start-up and a few per transferred request and decode rank.
 """
 from __future__ import annotations
 
@@ -61,6 +64,13 @@ class Registry:
             if tp is None or dp is None:
                 return 404, {"error": "no prefill rank has registered yet"}
             if rank == -1:
+                missing = [f"TP rank {r} of DP replica {d}" for d in range(dp) for r in range(tp)
+                           if (d, r) not in self.routes]
+                if missing:
+                    return 503, {"error": f"not ready: {tp * dp - len(missing)} of {tp * dp} prefill ranks have "
+                                          f"registered (waiting for {', '.join(missing[:4])}"
+                                          f"{', ...' if len(missing) > 4 else ''}); the prefill server is still "
+                                          f"starting, or a node of it (--nnodes) is not up"}
                 return 200, {"tp_size": tp, "dp_size": dp}
             if dp_group is None:
                 dp_group = room % dp if room is not None else 0
@@ -144,8 +154,9 @@ def register(host: str, port: int, engine_rank: int, sender_host: str | None, se
         except OSError as e:
             if time.monotonic() + LOOKUP_RETRY_S >= deadline:
                 raise OSError(f"prefill rank {engine_rank} could not register with the PD bootstrap server at "
-                              f"{host}:{port} within {timeout_s:g} s ({e}); is another program on "
-                              f"--disaggregation-bootstrap-port {port}?") from None
+                              f"{host}:{port} within {timeout_s:g} s ({e}); is node 0 of the prefill server up "
+                              f"with a --host this node reaches (--host 0.0.0.0 on every node when it spans "
+                              f"--nnodes), and no other program on --disaggregation-bootstrap-port {port}?") from None
         time.sleep(LOOKUP_RETRY_S)
 
 

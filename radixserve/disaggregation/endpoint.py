@@ -1,7 +1,8 @@
 """What the scheduler holds in PD mode: one object per side, built from ServerArgs.
 
 Prefill (`--disaggregation-mode prefill`): TP rank 0 of DP replica 0 runs the bootstrap server on
---disaggregation-bootstrap-port; every rank of every replica runs a KV sender and registers it there.
+--disaggregation-bootstrap-port; every rank of every replica runs a KV sender and registers it there, with the
+address the decode side connects to (`sender_address`: across --nnodes, each node's own).
 `send(req, first_token)` copies this rank's shard of the prompt's KV (its KV heads) out of the pool at once, so
 the scheduler frees (caches) the slots as for any finished request while the sender waits for the decode side.
 Every TP rank schedules the same batches, so every rank offers its shard of the same requests.
@@ -14,6 +15,7 @@ slots before, and writes the KV into them once the transfer is done on every ran
 from __future__ import annotations
 
 import logging
+import socket
 
 import torch
 
@@ -26,6 +28,7 @@ from radixserve.disaggregation.types import BootstrapInfo, KVPayload
 from radixserve.kvcache.pool import KVPool
 
 logger = logging.getLogger(__name__)
+WILDCARDS = ("0.0.0.0", "::", "")  # --host values that listen on every interface
 
 
 class PrefillEndpoint:
@@ -36,13 +39,8 @@ class PrefillEndpoint:
         self.bootstrap = BootstrapServer(args.host, args.disaggregation_bootstrap_port) if lead else None
         self.sender = TCPKVSender(args.host, args.disaggregation_waiting_timeout, tp_rank, args.tp_size,
                                   num_kv_heads or kv_layout(pool)[1] * args.tp_size)
-        host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-        # None: the decode side connects to the host it reached the bootstrap server at (the gateway's
-        # bootstrap_host), which is right whenever this server listens on all interfaces (every rank runs on
-        # this host: --nnodes > 1 is refused for a prefill server)
-        register(host, args.disaggregation_bootstrap_port, tp_rank,
-                 None if args.host in ("0.0.0.0", "::") else args.host, self.sender.port,
-                 tp_size=args.tp_size, dp_rank=dp_rank, dp_size=args.dp_size)
+        register(bootstrap_address(args), args.disaggregation_bootstrap_port, tp_rank, sender_address(args),
+                 self.sender.port, tp_size=args.tp_size, dp_rank=dp_rank, dp_size=args.dp_size)
 
     def send(self, req: Req, first_token: int) -> None:
         """Offer the prompt's KV (and the first token, sampled here) under the request's room."""
@@ -56,6 +54,49 @@ class PrefillEndpoint:
         self.sender.close()
         if self.bootstrap is not None:
             self.bootstrap.close()
+
+
+def bootstrap_address(args: ServerArgs) -> str:
+    """Where this prefill rank reaches the bootstrap server: it runs beside TP rank 0, on node 0, so node 0 reaches
+    it on its own --host (loopback for a wildcard), and node k > 0 at node 0's --dist-init-addr host, the address
+    every node already reaches node 0 at."""
+    if args.node_rank == 0:
+        return "127.0.0.1" if args.host in WILDCARDS else args.host
+    return dist_init_host(args)
+
+
+def sender_address(args: ServerArgs) -> str | None:
+    """The host this rank registers for its KV sender, which the decode side connects to.
+
+    On node 0 with a wildcard --host: None, "the host the decode side reached the bootstrap server at", which is
+    this node. On node k > 0 that would name node 0, so the rank registers its own node's address: --host when it
+    is a concrete one (the sender listens there and nowhere else), else the address of the interface that routes
+    to node 0's --dist-init-addr host: the network the nodes share, hence the one a decode server reaches this
+    node on as well (a loopback --dist-init-addr, all nodes on one machine, gives loopback)."""
+    if args.host not in WILDCARDS:
+        return args.host
+    if args.node_rank == 0:
+        return None
+    return route_ip(dist_init_host(args))
+
+
+def dist_init_host(args: ServerArgs) -> str:
+    """The host of --dist-init-addr (which ServerArgs requires with --nnodes > 1), without IPv6 brackets."""
+    return args.dist_init_addr.rpartition(":")[0].strip("[]")
+
+
+def route_ip(remote: str) -> str:
+    """The local address of the interface the kernel routes `remote` through. connect() on a UDP socket sends
+    nothing: it only picks the route and the source address, so this works without a peer listening."""
+    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((remote, 9))  # any port: no datagram leaves
+            return s.getsockname()[0]
+    except OSError as e:
+        raise ValueError(f"cannot tell which address of this node a PD decode server reaches its KV senders at: no "
+                         f"route to --dist-init-addr host {remote} ({e.strerror or e}); pass --host with this node's "
+                         f"address") from None
 
 
 class DecodeEndpoint:
