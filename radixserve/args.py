@@ -330,7 +330,7 @@ class ServerArgs:
 
 QUANTIZATION_CHOICES = ("fp8",)  # layers/quantization QUANT_CONFIGS (args stays import-light)
 KV_CACHE_DTYPE_CHOICES = ("auto", "fp8_e4m3", "fp8_e5m2")  # kvcache/pool KV_CACHE_DTYPES
-CPU_WEIGHT_DTYPES = ("auto", "float32", "float16")  # layers/quantization.cpu_weight_config
+CPU_WEIGHT_DTYPES = ("auto", "float32", "float16", "int4")  # layers/quantization.cpu_weight_config
 GRAMMAR_BACKENDS = ("llguidance", "none")
 TOOL_CALL_PARSERS = ("llama3", "qwen25", "hermes", "mistral", "pythonic")
 REASONING_PARSERS = ("qwen3", "deepseek-r1")

@@ -31,6 +31,8 @@ class ForwardBatch:
     # a mixed batch (--enable-mixed-chunk): its last decode_tail requests are decode steps, one token each at
     # the end of T, which a backend may attend with its decode kernel
     decode_tail: int = 0
+    # CPU: (cos, sin) of `positions` (kernels/fused.rope_tables), made by the first layer for all of them
+    rope: tuple | None = None
 
     @property
     def batch_size(self) -> int:

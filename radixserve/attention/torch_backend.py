@@ -23,6 +23,7 @@ class TorchAttnMeta:
     mask: torch.Tensor  # [B, 1, max_new, max_kv] True where attention is allowed
     key_pos: torch.Tensor  # [1, max_kv]
     query_pos: torch.Tensor  # [B, max_new]
+    kv_span: int | None = None  # decode of one request whose KV fills slots [kv_span, kv_span + max_kv) in order
 
 
 class TorchAttentionBackend:
@@ -39,7 +40,8 @@ class TorchAttentionBackend:
         # Padded query rows attend to key 0 only, so softmax never sees an all-masked row.
         valid_q = torch.arange(max_new, device=dev)[None, :] < fb.extend_lens[:, None]
         mask = mask & valid_q[:, :, None] | (~valid_q[:, :, None] & (key_pos[:, None, :] == 0))
-        fb.attn_meta = TorchAttnMeta(token_req, token_off, kv_slots, mask[:, None], key_pos, query_pos)
+        fb.attn_meta = TorchAttnMeta(token_req, token_off, kv_slots, mask[:, None], key_pos, query_pos,
+                                     _span(kv_slots) if B == 1 and max_new == 1 else None)
 
     def forward(self, q: torch.Tensor, layer: Attention, fb: ForwardBatch) -> torch.Tensor:
         m: TorchAttnMeta = fb.attn_meta
@@ -60,8 +62,21 @@ class TorchAttentionBackend:
         """One new token per request (token i is request i's): no query padding, and no mask at all for a
         single request (every key up to its own is valid), which lets SDPA take its unmasked kernel."""
         m: TorchAttnMeta = fb.attn_meta
-        k, v = fb.kv_pool.load(layer.layer_id, m.kv_slots, q.dtype)  # [B, max_kv, KVH, D]
+        if m.kv_span is not None:  # the allocator's usual case at batch 1: read the pool in place, no gather
+            k, v = fb.kv_pool.load_range(layer.layer_id, m.kv_span, fb.max_seq_len, q.dtype)
+        else:
+            k, v = fb.kv_pool.load(layer.layer_id, m.kv_slots, q.dtype)  # [B, max_kv, KVH, D]
         mask = None if fb.batch_size == 1 else m.mask[:, :, :1]  # [B, 1, 1, max_kv]
         out = F.scaled_dot_product_attention(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask, scale=layer.scale, enable_gqa=True)
         return out.squeeze(2)
+
+
+def _span(kv_slots: torch.Tensor) -> int | None:
+    """The first slot when kv_slots [1, n] are consecutive (the page allocator hands a lone request ascending
+    slots), else None. Checked once a step; every layer then reads its KV as a view of the pool."""
+    row = kv_slots[0]
+    first, n = int(row[0]), row.numel()
+    if int(row[-1]) - first != n - 1 or not torch.equal(row, torch.arange(first, first + n, device=row.device)):
+        return None
+    return first

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from radixserve.kvcache.pool import KVPool
+from radixserve.layers.quantization.cpu_int4 import INT4_MAX_ROWS
 
 
 def device_name(device: str) -> str:
@@ -99,9 +100,13 @@ def model_costs(engine) -> dict[str, int]:
     table_multiplied = m.lm_head.weight is emb and not getattr(m.lm_head, "packed_numel", 0)
     gathered_bytes = 0 if table_multiplied else emb.numel() * emb.element_size()
     k = pool.k[0]  # [slots, kv heads of this rank, head_dim]
+    # 4-bit copies (--cpu-weight-dtype int4) sit beside the float16 ones: a step reads one of the two
+    int4 = [mod for mod in m.modules() if getattr(mod, "int4_nbytes", 0)]
+    int4_bytes = sum(mod.int4_nbytes for mod in int4)
     cost = {"body_params": sum(p.numel() for p in m.model.parameters()) + packed - emb.numel(),
             "head_params": head_params,
-            "weight_bytes_read": engine.runner.weight_bytes - gathered_bytes,
+            "weight_bytes_read": engine.runner.weight_bytes - gathered_bytes - int4_bytes,
+            "int4_saving": sum(mod.packed_nbytes for mod in int4) - int4_bytes, "int4_max_rows": INT4_MAX_ROWS,
             "kv_bytes_per_token": KVPool.bytes_per_token(len(pool.k), k.shape[1], k.shape[2], k.dtype),
             "num_layers": len(pool.k), "num_heads": attn.num_heads, "head_dim": attn.head_dim}
     experts = [layer.mlp.experts for layer in m.model.layers if hasattr(layer.mlp, "experts")]
@@ -121,11 +126,12 @@ def step_weight_bytes(cost: dict, batch: int) -> float:
     """Weight bytes one decode step of `batch` tokens must read. Dense: every weight. MoE: everything but the
     routed experts, plus the experts the batch touches, expected under uniform routing (a token picks k of E
     distinct experts: an expert escapes all `batch` tokens with probability (1 - k/E)^batch); at batch 1 that
-    is exactly k experts per sparse layer."""
+    is exactly k experts per sparse layer. CPU int4 layers: their 4-bit copy up to int4_max_rows tokens."""
+    read = cost["weight_bytes_read"] - (cost.get("int4_saving", 0) if batch <= cost.get("int4_max_rows", 0) else 0)
     if not cost.get("moe_layers"):
-        return cost["weight_bytes_read"]
+        return read
     touched = cost["local_experts"] * (1 - (1 - cost["top_k"] / cost["num_experts"]) ** batch)
-    return cost["weight_bytes_read"] - cost["expert_bytes"] + cost["moe_layers"] * touched * cost["bytes_per_expert"]
+    return read - cost["expert_bytes"] + cost["moe_layers"] * touched * cost["bytes_per_expert"]
 
 
 def limits(device: str) -> dict:

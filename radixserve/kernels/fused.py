@@ -395,21 +395,37 @@ def _rotary_launch(positions, q, q_out, k, v, cos_sin, k_cache, v_cache, slots, 
         num_warps=4 if triton.next_power_of_2(HQ) * block_half <= 2048 else 8)
 
 
+def rope_tables(positions: torch.Tensor, cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU rotation's factors at `positions`: (cos, signed sin), each [T, 1, 2, D/2] float32, so that
+    rotate-half is x * cos + x.flip(halves) * sin (`_rotate_cpu`). Every layer rotates the same positions,
+    so the model computes them once a forward (ForwardBatch.rope)."""
+    cos, sin = cos_sin[positions].chunk(2, dim=-1)  # [T, D/2]
+    return torch.stack([cos, cos], dim=1)[:, None], torch.stack([-sin, sin], dim=1)[:, None]
+
+
+def _rotate_cpu(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """HF rotate-half on x [T, H, D] in four ops: [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], the same
+    float32 arithmetic as _rotate_ref (x2 * -sin is x2 * sin negated exactly)."""
+    t, h, d = x.shape
+    xv = x.float().view(t, h, 2, d // 2)
+    return torch.addcmul(xv * tables[0], xv.flip(2), tables[1]).view(t, h, d).to(x.dtype)
+
+
 def rotary_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                         cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         slots: torch.Tensor, q_out: torch.Tensor | None = None, k_scale: float = 1.0,
-                        v_scale: float = 1.0) -> torch.Tensor:
+                        v_scale: float = 1.0, tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Rotate q into q_out (default: in place) and write rotated k and plain v into k_cache/v_cache
     [num_slots, KVH, D] at `slots` [T] (cast to the cache dtype; an FP8 cache gets k / k_scale and
     v / v_scale, saturated: KVPool.encode), i.e. rotary + KVPool.store in one pass. k itself is left
-    unrotated (the attention kernels read K from the cache only). Returns q_out."""
+    unrotated (the attention kernels read K from the cache only). Returns q_out. `tables`: rope_tables of
+    `positions`, when the caller has them (CPU only)."""
     q_out = q if q_out is None else q_out
     if not _use_triton(q):  # q and k rotated as one tensor: on CPU each op costs microseconds of dispatch
-        cos, sin = cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
-        rotated = _rotate_ref(torch.cat([q, k], dim=1), cos, sin)
+        rotated = _rotate_cpu(torch.cat([q, k], dim=1), tables or rope_tables(positions, cos_sin))
         q_out.copy_(rotated[:, :q.shape[1]])
-        k_cache[slots] = _cache_ref(rotated[:, q.shape[1]:], k_scale, k_cache.dtype)
-        v_cache[slots] = _cache_ref(v, v_scale, v_cache.dtype)
+        k_cache.index_copy_(0, slots, _cache_ref(rotated[:, q.shape[1]:], k_scale, k_cache.dtype))
+        v_cache.index_copy_(0, slots, _cache_ref(v, v_scale, v_cache.dtype))
         return q_out
     assert v.shape == k.shape and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert q_out.shape == q.shape and q_out.stride(-1) == 1
@@ -417,5 +433,5 @@ def rotary_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     return q_out
 
 
-__all__ = ["HAS_TRITON", "rmsnorm", "rmsnorm_ref", "rotary_and_store_kv", "rotary_ref",
+__all__ = ["HAS_TRITON", "rmsnorm", "rmsnorm_ref", "rope_tables", "rotary_and_store_kv", "rotary_ref",
            "silu_and_mul", "silu_and_mul_ref"]

@@ -37,7 +37,9 @@ class PageAllocator:
     def alloc_pages(self, n: int) -> torch.Tensor:
         if n > len(self.free_pages):
             raise OutOfSlots(f"need {n} pages, {len(self.free_pages)} free")
-        pages = self.free_pages[len(self.free_pages) - n:]
+        # the list ends with the lowest pages (free() keeps it so): reversed, a request's pages ascend, which
+        # lets a lone request's KV be read as one slice of the pool (attention/torch_backend._span)
+        pages = self.free_pages[len(self.free_pages) - n:][::-1]
         del self.free_pages[len(self.free_pages) - n:]
         return int64_tensor(pages)
 
@@ -65,7 +67,7 @@ class PageAllocator:
         if slots.numel() == 0:
             return
         pages = torch.unique(slots.cpu() // self.page_size).tolist()
-        self.free_pages.extend(pages)
+        self.free_pages.extend(reversed(pages))
 
     def alloc_decode(self, kv_lens: torch.Tensor, last_slots: torch.Tensor) -> torch.Tensor:
         """One new slot per request, vectorised: the next slot of the last page, or a fresh page."""

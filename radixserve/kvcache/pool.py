@@ -70,6 +70,18 @@ class KVPool:
             v = v * self.v_scale[layer]
         return k, v
 
+    def load_range(self, layer: int, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) [1, n, KVH, D] of slots start .. start+n-1, as `load` gives them: views of the pool when no
+        dtype or scale applies."""
+        k, v = self.k[layer][start:start + n].unsqueeze(0), self.v[layer][start:start + n].unsqueeze(0)
+        if k.dtype != dtype:
+            k, v = k.to(dtype), v.to(dtype)
+        if self.k_scale[layer] != 1.0:
+            k = k * self.k_scale[layer]
+        if self.v_scale[layer] != 1.0:
+            v = v * self.v_scale[layer]
+        return k, v
+
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from radixserve.forward_batch import ForwardBatch
-from radixserve.kernels.fused import rotary_and_store_kv
+from radixserve.kernels.fused import rope_tables, rotary_and_store_kv
 from radixserve.layers.rotary import RotaryEmbedding
 
 
@@ -44,9 +44,11 @@ class Attention(nn.Module):
         pool = fb.kv_pool
         if fb.kv_ready is not None:  # this layer's pages of a HiCache load: wait for them, not for all layers
             torch.cuda.current_stream(q.device).wait_event(fb.kv_ready[self.layer_id])
+        if not q.is_cuda and fb.rope is None:
+            fb.rope = rope_tables(positions, self.rotary.cos_sin)
         q = rotary_and_store_kv(positions, q, k, v, self.rotary.cos_sin, pool.k[self.layer_id], pool.v[self.layer_id],
                                 fb.out_slots, None if rotate_in_place else torch.empty_like(q),
-                                pool.k_scale[self.layer_id], pool.v_scale[self.layer_id])
+                                pool.k_scale[self.layer_id], pool.v_scale[self.layer_id], fb.rope)
         return fb.attn.forward(q, self, fb).reshape(q.shape[0], -1)
 
 

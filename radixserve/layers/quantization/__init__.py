@@ -15,6 +15,7 @@ from torch import nn
 
 from radixserve.layers.quantization.base import LinearMethod, QuantConfig
 from radixserve.layers.quantization.cpu_fp16 import CpuFp16Config, cpu_fp16_available, model_weight_bytes
+from radixserve.layers.quantization.cpu_int4 import CpuInt4Config, cpu_int4_available
 from radixserve.layers.quantization.fp8 import Fp8Config, fp8_supported
 
 logger = logging.getLogger(__name__)
@@ -32,22 +33,32 @@ def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
 
 
 def cpu_weight_config(cpu_weight_dtype: str, device: torch.device, dtype: torch.dtype) -> QuantConfig | None:
-    """--cpu-weight-dtype: packed float16 weights for a float32 model on an x86 CPU (cpu_fp16.py says why),
+    """--cpu-weight-dtype: for a float32 model on an x86 CPU, packed float16 weights (cpu_fp16.py says why),
+    and with int4 (auto's choice) a GGUF's 4-bit matrices also kept at 4 bits for decoding (cpu_int4.py);
     or None (weights stay in the model dtype). Logs what was chosen and why. Traced forwards
     (torch.compile) keep it: they call the packed GEMM as an opaque op (cpu_fp16.py)."""
     if device.type != "cpu" or cpu_weight_dtype == "float32":
         return None
-    if cpu_weight_dtype == "float16":
+    if cpu_weight_dtype in ("float16", "int4"):
         if not cpu_fp16_available():
-            raise ValueError("--cpu-weight-dtype float16 needs torch with FBGEMM (an x86 build); this torch has "
-                             f"{torch.backends.quantized.supported_engines}: use --cpu-weight-dtype float32")
+            raise ValueError(f"--cpu-weight-dtype {cpu_weight_dtype} needs torch with FBGEMM (an x86 build); this "
+                             f"torch has {torch.backends.quantized.supported_engines}: use --cpu-weight-dtype float32")
         if dtype != torch.float32:
-            raise ValueError(f"--cpu-weight-dtype float16 runs float32 activations; the model dtype is {dtype}: "
-                             "pass --dtype float32 (or leave it out on CPU)")
-        logger.info("CPU linear layers: float16 weights packed for FBGEMM (--cpu-weight-dtype float16)")
-        return CpuFp16Config()
+            raise ValueError(f"--cpu-weight-dtype {cpu_weight_dtype} runs float32 activations; the model dtype is "
+                             f"{dtype}: pass --dtype float32 (or leave it out on CPU)")
+        if cpu_weight_dtype == "int4" and not cpu_int4_available():
+            raise ValueError("--cpu-weight-dtype int4 needs torch's int4 CPU kernel (_weight_int4pack_mm_for_cpu, "
+                             "torch >= 2.6): use --cpu-weight-dtype float16")
+        logger.info("CPU linear layers: --cpu-weight-dtype %s", cpu_weight_dtype)
+        return CpuInt4Config() if cpu_weight_dtype == "int4" else CpuFp16Config()
     if dtype != torch.float32 or not cpu_fp16_available():
         return None
+    if cpu_int4_available():
+        logger.info("CPU linear layers (--cpu-weight-dtype auto): a checkpoint's 4-bit GGUF matrices stay 4-bit "
+                    "for decoding (int4 kernel, bfloat16 matmul inputs), the rest float16 packed for FBGEMM: this "
+                    "%s CPU is bound by the weight bytes a decode step streams; --cpu-weight-dtype float32 for "
+                    "exact float32", torch.backends.cpu.get_cpu_capability())
+        return CpuInt4Config()
     logger.info("CPU linear layers: float16 weights packed for FBGEMM, float32 activations (--cpu-weight-dtype "
                 "auto: this %s CPU streams half the bytes per decode step, ~3x faster than float32 GEMV; "
                 "--cpu-weight-dtype float32 for exact float32)", torch.backends.cpu.get_cpu_capability())

@@ -122,6 +122,7 @@ class CpuFp16Config(QuantConfig):
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of every weight the model holds: its parameters plus packed copies that are not parameters."""
+    """Bytes of every weight the model holds: its parameters plus packed copies that are not parameters
+    (float16 for FBGEMM, and the 4-bit ones of cpu_int4)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return params + sum(getattr(m, "packed_nbytes", 0) for m in model.modules())
+    return params + sum(getattr(m, "packed_nbytes", 0) + getattr(m, "int4_nbytes", 0) for m in model.modules())
