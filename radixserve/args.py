@@ -402,7 +402,7 @@ _FLAGS: list[tuple[list[str], dict]] = [
                                            "(default 1.0). auto: start at 1.0, lower it while token usage < 0.93 "
                                            "with requests waiting and no retraction in the last minute (a "
                                            "request lifetime apart, once usage stopped rising), raise it x1.25 on "
-                                           "a retraction (x2 on a second within a minute), within [0.0005, 2.0]; "
+                                           "each retraction, within [0.0005, 2.0]; "
                                            "new requests are admitted at the same ratio as running ones; each "
                                            "change is logged.")),
     (["--decode-log-interval"], dict(type=int, help="Print the decode log line every N steps (default 40).")),
