@@ -20,7 +20,8 @@ CONVS = [" ".join(f"Note {i}: the {w} box holds {i * (c + 2)} coins." for i in r
 def flags(store: str) -> list[str]:
     return ["--max-total-tokens", "256", "--page-size", "16", "--enable-hierarchical-cache", "--hicache-ratio", "6",
             "--hicache-storage-backend", "file", "--hicache-storage-dir", store,
-            "--hicache-storage-prefetch-policy", "wait_complete", "--enable-metrics", "--enable-cache-report"]
+            "--hicache-storage-prefetch-policy", "wait_complete", "--enable-metrics", "--enable-cache-report",
+            "--cpu-weight-dtype", "float16"]  # host hits must equal fresh answers: one numeric path
 
 
 def complete(base_url: str, prompt: str):

@@ -36,9 +36,10 @@ LONG = " ".join(f"rule{i} is important." for i in range(60))  # ~350 tokens: 6 c
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    # the CPU's default weights (float16 packed for FBGEMM on x86): the scheduler tests below compare the engine
-    # with itself, and a decode step costs a third of float32's
-    return Engine(ServerArgs(device="cpu", max_total_tokens=4096, seed=0))
+    # float16 weights packed for FBGEMM: the scheduler tests below compare the engine with itself across batch
+    # shapes (mixed vs plain), which needs one numeric path (auto's 4-bit path serves <= 4 rows only), and a
+    # decode step costs a third of float32's
+    return Engine(ServerArgs(device="cpu", max_total_tokens=4096, seed=0, cpu_weight_dtype="float16"))
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Scheduler semantics of the tuning guide: radix reuse, eviction, lpm/fcfs order, retraction,
 log-line formats. The reference for outputs is the same engine run unconstrained, which itself
-equals HF transformers (test_engine_hf.py). The engine here has the CPU's default weights (--cpu-weight-dtype
-auto: float16 packed for FBGEMM on x86, float32 activations; test_cpu_fp16.py checks they track float32):
-every comparison is engine against engine, and a decode step costs a third of float32's."""
+equals HF transformers (test_engine_hf.py). The engine here has float16 weights packed for FBGEMM
+(float32 activations; test_cpu_fp16.py checks they track float32): every comparison is engine against engine
+across batch shapes, which needs one numeric path (auto's 4-bit path serves <= 4 rows only), and a decode step
+costs a third of float32's."""
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ SP = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return Engine(ServerArgs(device="cpu", max_total_tokens=8192, seed=0))
+    return Engine(ServerArgs(device="cpu", max_total_tokens=8192, seed=0, cpu_weight_dtype="float16"))
 
 
 def sched(engine: Engine, **changes) -> Scheduler:

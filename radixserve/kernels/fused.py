@@ -424,8 +424,8 @@ def rotary_and_store_kv(positions: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if not _use_triton(q):  # q and k rotated as one tensor: on CPU each op costs microseconds of dispatch
         rotated = _rotate_cpu(torch.cat([q, k], dim=1), tables or rope_tables(positions, cos_sin))
         q_out.copy_(rotated[:, :q.shape[1]])
-        k_cache.index_copy_(0, slots, _cache_ref(rotated[:, q.shape[1]:], k_scale, k_cache.dtype))
-        v_cache.index_copy_(0, slots, _cache_ref(v, v_scale, v_cache.dtype))
+        k_cache[slots] = _cache_ref(rotated[:, q.shape[1]:], k_scale, k_cache.dtype)
+        v_cache[slots] = _cache_ref(v, v_scale, v_cache.dtype)
         return q_out
     assert v.shape == k.shape and v.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert q_out.shape == q.shape and q_out.stride(-1) == 1
