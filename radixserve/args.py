@@ -388,9 +388,12 @@ _FLAGS: list[tuple[list[str], dict]] = [
     (["--cpu-weight-dtype"], dict(help="CPU only: how the decoder's linear layers and the LM head store their "
                                   "weights when the model runs in float32. float16: packed for FBGEMM's fp16 "
                                   "GEMM (float32 activations and sums), half the bytes a decode step reads and "
-                                  "~3x faster on AVX2 CPUs, logits within 0.05 of float32. float32: exact. "
-                                  "auto (default): float16 where torch has FBGEMM (x86), else float32. The "
-                                  "start-up line says what was chosen.")),
+                                  "~3x faster on AVX2 CPUs, logits within 0.05 of float32. int4: as float16, and "
+                                  "a GGUF's Q4_0/Q4_1 matrices also kept at 4 bits for decode batches of <= 4 "
+                                  "rows (torch's int4 kernel, bfloat16 matmul inputs: logits within 1.0 of "
+                                  "float32, ~1.5x faster at batch 1). float32: exact. auto (default): int4 where "
+                                  "torch has FBGEMM and the int4 kernel (x86), else float32. The start-up line "
+                                  "says what was chosen.")),
     (["--max-running-requests"], dict(type=int, help="Max requests decoding at once.")),
     (["--chunked-prefill-size", "--max-prefill-length"], dict(type=int, dest="chunked_prefill_size",
                                                               help="Max prompt tokens computed per step; "
