@@ -1,7 +1,7 @@
 """--cpu-weight-dtype float16 (what the CPU default, auto, runs a non-4-bit layer and every prefill with)
 against the exact float32 engine on the bundled model: the reference is our float32 path, which
-tests/test_engine_hf.py holds equal to HF transformers. Tolerances (measured on SmolLM2-135M Q4_1, 3 prompts): logits within 0.1 absolute (the
-largest difference seen was 0.034), the same greedy tokens for 24 steps."""
+tests/test_engine_hf.py holds equal to HF transformers. Tolerances (measured on SmolLM2-135M Q4_1, 3 prompts):
+logits within 0.1 absolute (the largest difference seen was 0.034), the same greedy tokens for 24 steps."""
 from __future__ import annotations
 
 import logging
