@@ -22,7 +22,7 @@ STEPS = 24
 LOGIT_ATOL = 0.1
 
 
-def run(engine: Engine) -> tuple[list[list[int]], list[torch.Tensor]]:
+def run(engine: Engine, steps: int = STEPS) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of PROMPTS in one batch, and the logits of every step (row per request)."""
     logits: list[torch.Tensor] = []
     forward = engine.runner.forward
@@ -34,7 +34,7 @@ def run(engine: Engine) -> tuple[list[list[int]], list[torch.Tensor]]:
 
     engine.runner.forward = recording
     try:
-        sp = SamplingParams(temperature=0, max_new_tokens=STEPS, ignore_eos=True)
+        sp = SamplingParams(temperature=0, max_new_tokens=steps, ignore_eos=True)
         reqs = [Req(engine.tokenizer.encode(p), sp) for p in PROMPTS]
         done = engine.run_to_completion(reqs)
     finally:

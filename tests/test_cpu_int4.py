@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_cpu_fp16 import PROMPTS, run
 
 from radixserve.args import ServerArgs
-from radixserve.core import Req, SamplingParams
 from radixserve.engine_unit import Engine
 from radixserve.layers.quantization import cpu_weight_config
 from radixserve.layers.quantization.cpu_fp16 import cpu_fp16_available
@@ -29,7 +29,6 @@ from radixserve.weights.gguf_loader import dequantize
 pytestmark = pytest.mark.skipif(not (cpu_fp16_available() and cpu_int4_available()),
                                 reason="this torch has no FBGEMM or no int4 CPU kernel")
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 STEPS = 32
 LOGIT_ATOL = 1.0
 
@@ -80,28 +79,10 @@ def test_layers_take_int4_up_to_the_switch_rows(engines) -> None:
         torch.testing.assert_close(out, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
 
 
-def run(engine: Engine) -> tuple[list[list[int]], list[torch.Tensor]]:
-    logits: list[torch.Tensor] = []
-    forward = engine.runner.forward
-
-    def recording(reqs, is_decode, **kw):
-        out = forward(reqs, is_decode, **kw)
-        logits.append(out.clone())
-        return out
-
-    engine.runner.forward = recording
-    try:
-        sp = SamplingParams(temperature=0, max_new_tokens=STEPS, ignore_eos=True)
-        done = engine.run_to_completion([Req(engine.tokenizer.encode(p), sp) for p in PROMPTS])
-    finally:
-        engine.runner.forward = forward
-    return [list(r.output_ids) for r in done], logits
-
-
 def test_int4_tracks_float32(engines) -> None:
     exact, int4 = engines
-    tokens32, logits32 = run(exact)
-    tokens4, logits4 = run(int4)
+    tokens32, logits32 = run(exact, STEPS)
+    tokens4, logits4 = run(int4, STEPS)
     agreed = 0
     for r in range(len(PROMPTS)):
         part = next((i for i, (a, b) in enumerate(zip(tokens32[r], tokens4[r])) if a != b), STEPS)

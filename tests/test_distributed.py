@@ -234,6 +234,16 @@ def pd_body(prompt: str | list[int], boot_port: int, room: int, params: dict = G
             "bootstrap_room": room}
 
 
+def pd_generate(prefill_url: str, decode_url: str, boot_port: int, first_room: int) -> tuple[list, list]:
+    """PROMPTS through a PD pair at once, one room each: (the prefill server's outputs, the decode server's)."""
+    with ThreadPoolExecutor(2 * len(PROMPTS)) as pool:
+        pre = [pool.submit(post_json, prefill_url, "/generate", pd_body(t, boot_port, first_room + i))
+               for i, t in enumerate(PROMPTS)]
+        dec = [pool.submit(post_json, decode_url, "/generate", pd_body(t, boot_port, first_room + i))
+               for i, t in enumerate(PROMPTS)]
+        return [f.result() for f in pre], [f.result() for f in dec]
+
+
 @pytest.fixture(scope="module")
 def decode_engine(tiny_model: str) -> Engine:
     """A TP=1 decode server's engine, in this process (a second in loading)."""
@@ -254,12 +264,7 @@ def test_pd_tp2_to_tp2_equals_tp1(servers: dict[str, Server], reference: dict, b
     heads from the prefill rank with its number, the ranks start decoding each request at the same step, and
     the greedy tokens are TP=1's. Three requests at once, the long one prefilled in chunks."""
     p, d = servers["tp2"], servers["node0"]
-    with ThreadPoolExecutor(2 * len(PROMPTS)) as pool:
-        pre = [pool.submit(post_json, p.base_url, "/generate", pd_body(t, boot["tp2"], 100 + i))
-               for i, t in enumerate(PROMPTS)]
-        dec = [pool.submit(post_json, d.base_url, "/generate", pd_body(t, boot["tp2"], 100 + i))
-               for i, t in enumerate(PROMPTS)]
-        pre_out, dec_out = [f.result() for f in pre], [f.result() for f in dec]
+    pre_out, dec_out = pd_generate(p.base_url, d.base_url, boot["tp2"], 100)
     assert [o["output_ids"] for o in dec_out] == reference["greedy"]
     assert [o["output_ids"] for o in pre_out] == [g[:1] for g in reference["greedy"]]  # prefill stops at token 1
     st = get_json(d.base_url, "/get_server_info")["internal_states"][0]

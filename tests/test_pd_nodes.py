@@ -16,13 +16,12 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from conftest import Server, descendants, free_port, start_server, wait_healthy
-from test_distributed import COMMON, PROMPTS, pd_body, reference, tiny_model  # noqa: F401 (fixtures)
-from test_server import get_json, post_json
+from test_distributed import COMMON, PROMPTS, pd_generate, reference, tiny_model  # noqa: F401 (fixtures)
+from test_server import get_json
 
 from radixserve.args import ServerArgs
 from radixserve.disaggregation.bootstrap import BootstrapServer, lookup, prefill_layout, register
@@ -120,12 +119,7 @@ def test_pd_prefill_over_two_nodes_equals_tp1(pd_servers: tuple[dict[str, Server
     p, d = servers["node0"], servers["decode"]
     with urllib.request.urlopen(f"http://127.0.0.1:{boot}/route?engine_rank=1", timeout=10) as r:
         assert json.loads(r.read())["host"] == "127.0.0.2"
-    with ThreadPoolExecutor(2 * len(PROMPTS)) as pool:
-        pre = [pool.submit(post_json, p.base_url, "/generate", pd_body(t, boot, 300 + i))
-               for i, t in enumerate(PROMPTS)]
-        dec = [pool.submit(post_json, d.base_url, "/generate", pd_body(t, boot, 300 + i))
-               for i, t in enumerate(PROMPTS)]
-        pre_out, dec_out = [f.result() for f in pre], [f.result() for f in dec]
+    pre_out, dec_out = pd_generate(p.base_url, d.base_url, boot, 300)
     assert [o["output_ids"] for o in dec_out] == reference["greedy"]
     assert [o["output_ids"] for o in pre_out] == [g[:1] for g in reference["greedy"]]  # prefill stops at token 1
     st = get_json(d.base_url, "/get_server_info")["internal_states"][0]

@@ -60,20 +60,18 @@ class KVPool:
         """(K, V) at `slots` in `dtype`, scales applied: the torch backend's read."""
         flat, shape = slots.reshape(-1), (*slots.shape, *self.k[layer].shape[1:])
         # index_select: a third of advanced indexing's cost for these row gathers on CPU
-        k = self.k[layer].index_select(0, flat).view(shape)
-        v = self.v[layer].index_select(0, flat).view(shape)
-        if k.dtype != dtype:
-            k, v = k.to(dtype), v.to(dtype)
-        if self.k_scale[layer] != 1.0:
-            k = k * self.k_scale[layer]
-        if self.v_scale[layer] != 1.0:
-            v = v * self.v_scale[layer]
-        return k, v
+        return self._decoded(layer, self.k[layer].index_select(0, flat).view(shape),
+                             self.v[layer].index_select(0, flat).view(shape), dtype)
 
     def load_range(self, layer: int, start: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, V) [1, n, KVH, D] of slots start .. start+n-1, as `load` gives them: views of the pool when no
         dtype or scale applies."""
-        k, v = self.k[layer][start:start + n].unsqueeze(0), self.v[layer][start:start + n].unsqueeze(0)
+        return self._decoded(layer, self.k[layer][start:start + n].unsqueeze(0),
+                             self.v[layer][start:start + n].unsqueeze(0), dtype)
+
+    def _decoded(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V read from `layer`'s pages, in `dtype` with the layer's FP8 scales applied."""
         if k.dtype != dtype:
             k, v = k.to(dtype), v.to(dtype)
         if self.k_scale[layer] != 1.0:
